@@ -1,0 +1,15 @@
+"""openmsa: MiniMax Sparse Attention (MSA) for the GPUs people have.
+
+Public API (spec ``MSA.md`` section 10): :func:`indexer_topk`, :func:`sparse_attention`,
+:func:`indexer_kl_loss`, :func:`msa_attention`, and the :class:`MSAttention` layer.
+"""
+
+from .api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
+from .layers import MSAttention, collect_kl_losses
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "indexer_topk", "sparse_attention", "indexer_kl_loss", "msa_attention",
+    "MSAttention", "collect_kl_losses", "__version__",
+]

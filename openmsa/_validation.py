@@ -1,0 +1,254 @@
+"""Argument validation for the public API (spec section 10).
+
+Every public function validates *all* of its arguments here before doing any work,
+so that bad input fails fast with a message that names the argument and says what
+was expected. Nothing in this module modifies its inputs.
+
+Checks that need the *values* of ``cu_seqlens`` (start at 0, non-decreasing,
+Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free;
+for CUDA tensors it is a device->host copy, i.e. a synchronisation. The reference
+backend needs the lengths on the host anyway, so it always checks them. The Triton
+backend (graph-capturable, no host sync) checks only metadata (dtype, shape,
+device) unless ``OPENMSA_CHECK_INPUTS=1`` is set in the environment.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+# float64 is accepted so that gradcheck can run on the reference backend.
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check_inputs_on_device() -> bool:
+    """Whether value checks of cu_seqlens may synchronise with a CUDA device."""
+    return os.environ.get("OPENMSA_CHECK_INPUTS", "0") not in ("", "0", "false", "False")
+
+
+def check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}"
+        )
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be bfloat16, float16 or float32 (float64 for the reference "
+            f"backend), got {t.dtype}"
+        )
+
+
+def check_same(kind: str, names_tensors, attr: str) -> None:
+    """All tensors share ``attr`` (dtype or device)."""
+    first_name, first = names_tensors[0]
+    for name, t in names_tensors[1:]:
+        if getattr(t, attr) != getattr(first, attr):
+            exc = TypeError if attr == "dtype" else ValueError
+            raise exc(
+                f"{name} must have the same {kind} as {first_name} "
+                f"({getattr(first, attr)}), got {getattr(t, attr)}"
+            )
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def check_scale(name: str, value, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None or a positive float, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be None or a finite positive float, got {value}")
+    return value
+
+
+def check_finite_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """Host-side view of the packed layout (spec section 3).
+
+    ``cu_seqlens_q``/``cu_seqlens_k`` are the caller's int32 device tensors. The
+    host lists are ``None`` when the values were not read (Triton backend on a CUDA
+    device without OPENMSA_CHECK_INPUTS), so that no synchronisation happens.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    total_q: int
+    total_k: int
+    cu_q: tuple | None = None
+    cu_k: tuple | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens_q.numel() - 1
+
+    def host(self) -> "Varlen":
+        """Return a Varlen whose host lists are filled (may synchronise)."""
+        if self.cu_q is not None:
+            return self
+        return Varlen(
+            self.cu_seqlens_q, self.cu_seqlens_k, self.total_q, self.total_k,
+            tuple(self.cu_seqlens_q.tolist()), tuple(self.cu_seqlens_k.tolist()),
+        )
+
+
+def _check_cu_values(name: str, values: tuple, total: int, total_name: str) -> None:
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {values[0]}")
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            raise ValueError(
+                f"{name} must be non-decreasing, got {name}[{i}] = {values[i]} > "
+                f"{name}[{i + 1}] = {values[i + 1]}"
+            )
+    if values[-1] != total:
+        raise ValueError(
+            f"{name}[-1] must equal {total_name} = {total}, got {values[-1]}"
+        )
+
+
+def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
+                 device: torch.device, read_values: bool) -> Varlen:
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, 1, "[num_seqs + 1] int32")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.numel() < 1:
+            raise ValueError(f"{name} must have at least one entry (the leading 0)")
+        if cu.device != device:
+            raise ValueError(f"{name} must be on {device} like the inputs, got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), got "
+            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+    if not (read_values or cu_seqlens_q.device.type == "cpu" or check_inputs_on_device()):
+        return varlen
+    varlen = varlen.host()
+    _check_cu_values("cu_seqlens_q", varlen.cu_q, total_q, "total_q (q.shape[0])")
+    _check_cu_values("cu_seqlens_k", varlen.cu_k, total_k, "total_k (k.shape[0])")
+    for b in range(varlen.num_seqs):
+        lq = varlen.cu_q[b + 1] - varlen.cu_q[b]
+        lk = varlen.cu_k[b + 1] - varlen.cu_k[b]
+        if lq > lk:
+            raise ValueError(
+                f"cu_seqlens_q/cu_seqlens_k: sequence {b} has Lq = {lq} > Lk = {lk}; "
+                f"queries must be the last Lq positions of their keys (Lq <= Lk)"
+            )
+    return varlen
+
+
+def check_qkv(q, k, v) -> None:
+    check_tensor("q", q, 3, "[total_q, num_heads_q, head_dim]")
+    check_tensor("k", k, 3, "[total_k, num_heads_kv, head_dim]")
+    check_tensor("v", v, 3, "[total_k, num_heads_kv, head_dim]")
+    check_float("q", q)
+    check_same("dtype", [("q", q), ("k", k), ("v", v)], "dtype")
+    check_same("device", [("q", q), ("k", k), ("v", v)], "device")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"k must have the head_dim of q ({q.shape[2]}), got {k.shape[2]}"
+        )
+    check_heads(q.shape[1], k.shape[1], "q", "k")
+
+
+def check_heads(hq: int, hkv: int, qname: str, kname: str) -> None:
+    if hkv < 1 or hq < 1:
+        raise ValueError(f"{qname} and {kname} must have at least one head, got {hq} and {hkv}")
+    if hq % hkv != 0:
+        raise ValueError(
+            f"{qname} heads ({hq}) must be a multiple of {kname} heads ({hkv}) (GQA groups)"
+        )
+
+
+def check_index_qk(qi, ki, total_q: int | None = None, hkv: int | None = None) -> None:
+    check_tensor("qi", qi, 3, "[total_q, num_heads_kv, index_head_dim]")
+    check_tensor("ki", ki, 3, "[total_k, 1, index_head_dim]")
+    check_float("qi", qi)
+    check_same("dtype", [("qi", qi), ("ki", ki)], "dtype")
+    check_same("device", [("qi", qi), ("ki", ki)], "device")
+    if ki.shape[1] != 1:
+        raise ValueError(f"ki must have exactly one (shared) index head, got {ki.shape[1]}")
+    if qi.shape[2] != ki.shape[2]:
+        raise ValueError(
+            f"ki must have the index_head_dim of qi ({qi.shape[2]}), got {ki.shape[2]}"
+        )
+    if qi.shape[1] < 1:
+        raise ValueError("qi must have at least one index head (one per KV group)")
+    if total_q is not None and qi.shape[0] != total_q:
+        raise ValueError(f"qi must have total_q = {total_q} rows like q, got {qi.shape[0]}")
+    if hkv is not None and qi.shape[1] != hkv:
+        raise ValueError(
+            f"qi must have one index head per KV head ({hkv}), got {qi.shape[1]}"
+        )
+
+
+def check_topk_indices(topk_indices, hkv: int, total_q: int, device) -> int:
+    name = "topk_indices"
+    check_tensor(name, topk_indices, 3, "[num_heads_kv, total_q, topk] int32")
+    if topk_indices.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {topk_indices.dtype}")
+    if topk_indices.shape[0] != hkv or topk_indices.shape[1] != total_q:
+        raise ValueError(
+            f"{name} must have shape [num_heads_kv={hkv}, total_q={total_q}, topk], "
+            f"got {tuple(topk_indices.shape)}"
+        )
+    if topk_indices.shape[2] < 1:
+        raise ValueError(f"{name} must have topk >= 1 columns, got {topk_indices.shape[2]}")
+    if topk_indices.device != device:
+        raise ValueError(f"{name} must be on {device} like the inputs, got {topk_indices.device}")
+    return topk_indices.shape[2]
+
+
+def check_lse(name: str, lse, shape: tuple, device) -> None:
+    if lse is None:
+        return
+    layout = "[total_q, num_heads_q]" if name == "lse" else "[num_heads_kv, total_q]"
+    check_tensor(name, lse, 2, f"{layout} float32")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {lse.dtype}")
+    if tuple(lse.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {tuple(lse.shape)}")
+    if lse.device != device:
+        raise ValueError(f"{name} must be on {device} like the inputs, got {lse.device}")

@@ -1,0 +1,158 @@
+"""MSAttention: a MiniMax-M3 style attention layer with MSA (spec section 7).
+
+    q, k, v = x Wq, x Wk, x Wv           (optional per-head RMSNorm on q, k)
+    qi, ki  = sg(x) Wqi, sg(x) Wki       (Hkv index heads, one shared index key head)
+    qi, ki get the same RMSNorm option and (partial) RoPE as q, k
+    sparse: indices = Index Branch(qi, ki); o = Main Branch(q, k, v, indices)
+    dense:  o = full causal attention; KL over all visible tokens (warmup)
+    out = o Wo;  self.kl_loss = KL (unscaled; the trainer adds lambda * kl_loss)
+
+The index projections read a detached input, so the KL trains only Wqi/Wki (and
+their norms) and the language-model loss never reaches them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _validation as V
+from ..api import indexer_kl_loss, msa_attention, sparse_attention
+from .rope import apply_rope, rope_cos_sin
+
+MODES = ("sparse", "dense")
+
+
+class MSAttention(nn.Module):
+    """Self-attention with MiniMax Sparse Attention.
+
+    Args:
+        hidden_size: model width.
+        num_heads / num_kv_heads: Hq and Hkv (GQA; Hq a multiple of Hkv).
+        head_dim: D (default hidden_size // num_heads). index_head_dim: Di.
+        block_size, topk: B and K of the Index Branch.
+        qk_norm: per-head RMSNorm on q, k, qi, ki.
+        rotary_dim: channels rotated by RoPE (None: all of head_dim; 0: no RoPE). Must be
+            even and at most min(head_dim, index_head_dim).
+        mode: "sparse" (MSA) or "dense" (warmup: full attention, dense KL).
+        backend: passed to the openmsa ops.
+
+    ``forward(x, cu_seqlens=None, positions=None)`` takes ``x [batch, seqlen, hidden]``
+    or packed ``x [total, hidden]`` with int32 ``cu_seqlens``; returns the output like x
+    and stores the KL in ``self.kl_loss``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim=None, *,
+                 index_head_dim: int = 128, block_size: int = 128, topk: int = 16,
+                 qk_norm: bool = False, rotary_dim=None, rope_theta: float = 10000.0,
+                 mode: str = "sparse", bias: bool = False, norm_eps: float = 1e-6,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        hidden_size = V.check_positive_int("hidden_size", hidden_size)
+        num_heads = V.check_positive_int("num_heads", num_heads)
+        num_kv_heads = V.check_positive_int("num_kv_heads", num_kv_heads)
+        V.check_heads(num_heads, num_kv_heads, "num_heads", "num_kv_heads")
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        self.head_dim = V.check_positive_int("head_dim", head_dim)
+        self.index_head_dim = V.check_positive_int("index_head_dim", index_head_dim)
+        self.block_size = V.check_positive_int("block_size", block_size)
+        self.topk = V.check_positive_int("topk", topk)
+        rotary_dim = min(self.head_dim, self.index_head_dim) if rotary_dim is None else rotary_dim
+        if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 0 \
+                or rotary_dim % 2 or rotary_dim > min(self.head_dim, self.index_head_dim):
+            raise ValueError(f"rotary_dim must be an even int in [0, min(head_dim, index_head_dim)"
+                             f" = {min(self.head_dim, self.index_head_dim)}], got {rotary_dim!r}")
+        self.rotary_dim = rotary_dim
+        self.rope_theta = float(rope_theta)
+        self.mode = mode  # validated by the property setter
+        self.backend = V.check_backend(backend)
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+
+        kw = dict(device=device, dtype=dtype)
+        d, di = self.head_dim, self.index_head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * d, bias=bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=bias, **kw)
+        self.o_proj = nn.Linear(num_heads * d, hidden_size, bias=bias, **kw)
+        self.qi_proj = nn.Linear(hidden_size, num_kv_heads * di, bias=bias, **kw)
+        self.ki_proj = nn.Linear(hidden_size, di, bias=bias, **kw)
+        norm = (lambda n: nn.RMSNorm(n, eps=norm_eps, **kw)) if qk_norm else (lambda n: nn.Identity())
+        self.q_norm, self.k_norm = norm(d), norm(d)
+        self.qi_norm, self.ki_norm = norm(di), norm(di)
+        self.kl_loss: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    def index_parameters(self):
+        """The parameters the KL trains (the only ones it reaches)."""
+        for m in (self.qi_proj, self.ki_proj, self.qi_norm, self.ki_norm):
+            yield from m.parameters()
+
+    def _layout(self, x, cu_seqlens, positions):
+        """Packed x [T, hidden], int32 cu_seqlens, int64 positions [T]."""
+        V.check_tensor("x", x, x.dim() if x.dim() in (2, 3) else 3,
+                       "[batch, seqlen, hidden] or packed [total, hidden]")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have hidden size {self.hidden_size}, got {x.shape[-1]}")
+        if x.dim() == 3:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens must be None for batched x [batch, seqlen, hidden]")
+            b, n = x.shape[:2]
+            cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * n
+            local = torch.arange(n, device=x.device).repeat(b)
+            x = x.reshape(b * n, -1)
+        else:
+            if cu_seqlens is None:
+                raise ValueError("cu_seqlens is required for packed x [total, hidden]")
+            cu = cu_seqlens
+            vl = V.check_varlen(cu, cu, x.shape[0], x.shape[0], x.device, read_values=True)
+            starts = torch.tensor(vl.cu_q[:-1], device=x.device)
+            lens = torch.tensor([b - a for a, b in zip(vl.cu_q[:-1], vl.cu_q[1:])], device=x.device)
+            local = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(starts, lens)
+        if positions is not None:
+            V.check_tensor("positions", positions, positions.dim() if positions.dim() in (1, 2) else 1,
+                           "[total] or [batch, seqlen] integer positions")
+            if positions.numel() != x.shape[0] or positions.is_floating_point():
+                raise ValueError(f"positions must hold {x.shape[0]} integer positions, got "
+                                 f"{tuple(positions.shape)} {positions.dtype}")
+            local = positions.reshape(-1)
+        return x, cu, local
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x, cu, pos = self._layout(x, cu_seqlens, positions)
+        t, hq, hkv, d, di = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
+        q = self.q_norm(self.q_proj(x).view(t, hq, d))
+        k = self.k_norm(self.k_proj(x).view(t, hkv, d))
+        v = self.v_proj(x).view(t, hkv, d)
+        xd = x.detach()  # stop-gradient: the KL trains only the index branch
+        qi = self.qi_norm(self.qi_proj(xd).view(t, hkv, di))
+        ki = self.ki_norm(self.ki_proj(xd).view(t, 1, di))
+        if self.rotary_dim:
+            cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
+            q, k, qi, ki = (apply_rope(y, cos, sin) for y in (q, k, qi, ki))
+        if self.mode == "sparse":
+            o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
+                                     topk=self.topk, backend=self.backend)
+        else:
+            o, lse = sparse_attention(q, k, v, None, cu, cu, backend=self.backend)
+            kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, lse=lse,
+                                 backend=self.backend)
+        self.kl_loss = kl
+        return self.o_proj(o.reshape(t, hq * d)).view(shape)
+
+
+def collect_kl_losses(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the KL losses of the last forward over every MSAttention in ``model``
+    (None if there is none): ``loss = lm_loss + lam * collect_kl_losses(model)``."""
+    losses = [m.kl_loss for m in model.modules() if isinstance(m, MSAttention) and m.kl_loss is not None]
+    return torch.stack([l.float() for l in losses]).sum() if losses else None

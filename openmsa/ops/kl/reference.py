@@ -1,0 +1,111 @@
+"""PyTorch reference of the indexer's sparse KL loss (spec section 6).
+
+Teacher (no gradient): the Main Branch softmax averaged over the G heads of a group,
+P_T(j) = mean_h exp(s(h, j) - lse[t, h]), on the token set T(t, g).
+Student: P_S(j) = exp(z_g(i, j) - index_lse[g, t]) on the same set.
+loss = coeff / (Hkv * total_q) * sum_{t, g} KL(P_T || P_S), gradients to qi and ki
+only, through d loss / d z = coeff / (Hkv * total_q) * (P_S - P_T).
+
+With ``topk_indices=None`` T is every visible token (the dense warmup phase).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.reference import add_to_keys, attention_scores, key_chunks, keys_for
+from ..common import compute_dtype, masked_softmax_stats, matmul_keys, row_meta, safe_lse
+
+
+def _chunk_distributions(q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt):
+    """Teacher and log-student over the chunk's key set, both [Hkv, R, N], plus the
+    grouped index queries and gathered index keys for the backward."""
+    hkv = k.shape[1]
+    s, _, _ = attention_scores(q, k, rows, key_idx, valid, hkv, scale, cdt)
+    if lse is None:
+        m, _, l = masked_softmax_stats(s)
+        lse_g = m + torch.log(l)
+    else:
+        lse_g = lse[rows].to(cdt).view(-1, hkv, s.shape[2]).permute(1, 0, 2)[..., None]
+    teacher = torch.exp(s - safe_lse(lse_g)).mean(2)  # [Hkv, R, N], 0 where masked
+
+    qig = qi[rows].to(cdt).transpose(0, 1)[:, :, None, :]  # [Hkv, R, 1, Di]
+    kik = keys_for(ki, key_idx, cdt)
+    z = (matmul_keys(qig, kik, transpose_keys=True) * scale_i)[:, :, 0]  # [Hkv, R, N]
+    z = z.masked_fill(~valid, float("-inf"))
+    if index_lse is None:
+        ilse = torch.logsumexp(z, dim=-1, keepdim=True)
+    else:
+        ilse = index_lse[:, rows].to(cdt)[..., None]
+    log_student = z - safe_lse(ilse)  # -inf where masked
+    return teacher, log_student, valid.expand_as(z), qig, kik
+
+
+def _kl_terms(teacher, log_student, valid):
+    """Per-token KL terms, 0 wherever the teacher is 0 (masked tokens included)."""
+    safe_t = torch.where(teacher > 0, teacher, torch.ones_like(teacher))
+    safe_s = torch.where(valid, log_student, torch.zeros_like(log_student))
+    return torch.where(teacher > 0, teacher * (torch.log(safe_t) - safe_s), torch.zeros_like(teacher))
+
+
+def kl_forward(q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i, lse, index_lse):
+    """Sum over (t, g) of KL(P_T || P_S), unnormalised, in the compute dtype."""
+    cdt = compute_dtype(qi.dtype)
+    hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
+    meta = row_meta(cu_q, cu_k, q.device)
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    per_key = cdt.itemsize * (hkv * (d + qi.shape[2] + 6) + 2 * hq) + 2
+    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
+        teacher, log_student, valid_e, _, _ = _chunk_distributions(
+            q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt)
+        total = total + _kl_terms(teacher, log_student, valid_e).sum()
+    return total
+
+
+def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i,
+                lse, index_lse):
+    """d loss / d qi and d ki for d loss / d z = grad_scale * (P_S - P_T)."""
+    cdt = compute_dtype(qi.dtype)
+    hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
+    meta = row_meta(cu_q, cu_k, q.device)
+    dqi = torch.zeros(qi.shape, dtype=cdt, device=q.device)
+    dki = torch.zeros(ki.shape, dtype=cdt, device=q.device)
+    per_key = cdt.itemsize * (hkv * (d + 2 * qi.shape[2] + 8) + 2 * hq) + 2
+    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
+        teacher, log_student, _, qig, kik = _chunk_distributions(
+            q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt)
+        dz = (torch.exp(log_student) - teacher) * (grad_scale * scale_i)  # [Hkv, R, N]
+        dqi[rows] = matmul_keys(dz[:, :, None, :], kik, transpose_keys=False)[:, :, 0].transpose(0, 1)
+        if key_idx.dim() == 3:
+            dki_c = dz[..., None] * qig  # [Hkv, R, N, Di]
+        else:  # shared keys: sum the rows and groups in one product -> [1, N, Di]
+            dki_c = torch.einsum("grn,grd->nd", dz, qig[:, :, 0])[None]
+        add_to_keys(dki, key_idx, dki_c)
+    return dqi.to(qi.dtype), dki.to(ki.dtype)
+
+
+class IndexerKLReference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i, coeff,
+                lse, index_lse):
+        hkv, total_q = qi.shape[1], qi.shape[0]
+        norm = coeff / (hkv * total_q) if total_q > 0 else 0.0
+        total = kl_forward(q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i,
+                           lse, index_lse)
+        ctx.save_for_backward(q, k, qi, ki, topk_indices, lse, index_lse)
+        ctx.args = (cu_q, cu_k, block_size, scale, scale_i, norm)
+        return (total * norm).to(torch.float64 if qi.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, qi, ki, topk_indices, lse, index_lse = ctx.saved_tensors
+        cu_q, cu_k, block_size, scale, scale_i, norm = ctx.args
+        dqi, dki = kl_backward(grad * norm, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size,
+                               scale, scale_i, lse, index_lse)
+        return (None, None, dqi, dki) + (None,) * 9
+
+
+def indexer_kl_reference(q, k, qi, ki, topk_indices, cu_q, cu_k, *, block_size, scale, scale_i,
+                         coeff, lse=None, index_lse=None):
+    return IndexerKLReference.apply(q.detach(), k.detach(), qi, ki, topk_indices, cu_q, cu_k,
+                                    block_size, scale, scale_i, coeff, lse, index_lse)
