@@ -15,13 +15,17 @@ TRITON_OPS: dict = {}
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
-    if backend == "reference":
-        return "reference"
+    """"triton" or "reference". Never raises: an explicit "triton" whose kernels are
+    missing raises in ``triton_op``, after the arguments have been validated."""
     if backend == "auto":
         return "triton" if device.type == "cuda" and op in TRITON_OPS else "reference"
+    return backend
+
+
+def triton_op(op: str):
     if op not in TRITON_OPS:
         raise NotImplementedError(
             f"the Triton backend of {op} is not implemented yet; "
             f"use backend='reference' (or 'auto', which falls back to it)"
         )
-    return "triton"
+    return TRITON_OPS[op]

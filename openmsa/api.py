@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
-from ._backend import TRITON_OPS, resolve
+from ._backend import resolve, triton_op
 from .ops.attention.reference import sparse_attention_reference
 from .ops.indexer.reference import indexer_topk_reference
 from .ops.kl.reference import indexer_kl_reference
@@ -113,7 +113,7 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
             idx, lse = indexer_topk_reference(qi, ki, varlen.cu_q, varlen.cu_k,
                                               block_size=block_size, topk=topk, scale=scale)
         else:
-            idx, lse = TRITON_OPS["indexer_topk"](qi, ki, varlen, block_size=block_size,
+            idx, lse = triton_op("indexer_topk")(qi, ki, varlen, block_size=block_size,
                                                   topk=topk, scale=scale, deterministic=deterministic)
     return _unflatten_rows(idx, batched, 1), _unflatten_rows(lse, batched, 1)
 
@@ -151,7 +151,7 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
         out, lse = sparse_attention_reference(q, k, v, topk_indices, varlen.cu_q, varlen.cu_k,
                                               block_size=block_size, scale=scale)
     else:
-        out, lse = TRITON_OPS[op](q, k, v, topk_indices, varlen,
+        out, lse = triton_op(op)(q, k, v, topk_indices, varlen,
                                                   block_size=block_size, scale=scale)
     return _unflatten_rows(out, batched, 0), _unflatten_rows(lse, batched, 0)
 
@@ -196,7 +196,7 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
         return indexer_kl_reference(q, k, qi, ki, topk_indices, varlen.cu_q, varlen.cu_k,
                                     block_size=block_size, scale=scale, scale_i=scale_i,
                                     coeff=coeff, lse=lse, index_lse=index_lse)
-    return TRITON_OPS["indexer_kl_loss"](q, k, qi, ki, topk_indices, varlen, block_size=block_size,
+    return triton_op("indexer_kl_loss")(q, k, qi, ki, topk_indices, varlen, block_size=block_size,
                                          scale=scale, scale_i=scale_i, coeff=coeff, lse=lse,
                                          index_lse=index_lse)
 
@@ -219,8 +219,12 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     if ki_p.shape[0] != k_p.shape[0]:
         raise ValueError(f"ki must have total_k = {k_p.shape[0]} rows like k, got {ki_p.shape[0]}")
     V.check_scale("softmax_scale", softmax_scale, 1.0)
+    V.check_scale("index_softmax_scale", index_softmax_scale, 1.0)
     V.check_positive_int("block_size", block_size)
     V.check_positive_int("topk", topk)
+    V.check_bool("deterministic", deterministic)
+    V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
+                   read_values=resolve("msa_attention", backend, q_p.device) == "reference")
     kw = dict(block_size=block_size, backend=backend)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic, **kw)

@@ -98,8 +98,8 @@ class MSAttention(nn.Module):
 
     def _layout(self, x, cu_seqlens, positions):
         """Packed x [T, hidden], int32 cu_seqlens, int64 positions [T]."""
-        V.check_tensor("x", x, x.dim() if x.dim() in (2, 3) else 3,
-                       "[batch, seqlen, hidden] or packed [total, hidden]")
+        layout = "[batch, seqlen, hidden] or packed [total, hidden]"
+        V.check_tensor("x", x, x.dim() if isinstance(x, torch.Tensor) and x.dim() in (2, 3) else 3, layout)
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have hidden size {self.hidden_size}, got {x.shape[-1]}")
         if x.dim() == 3:
@@ -118,7 +118,8 @@ class MSAttention(nn.Module):
             lens = torch.tensor([b - a for a, b in zip(vl.cu_q[:-1], vl.cu_q[1:])], device=x.device)
             local = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(starts, lens)
         if positions is not None:
-            V.check_tensor("positions", positions, positions.dim() if positions.dim() in (1, 2) else 1,
+            ok_rank = isinstance(positions, torch.Tensor) and positions.dim() in (1, 2)
+            V.check_tensor("positions", positions, positions.dim() if ok_rank else 1,
                            "[total] or [batch, seqlen] integer positions")
             if positions.numel() != x.shape[0] or positions.is_floating_point():
                 raise ValueError(f"positions must hold {x.shape[0]} integer positions, got "
@@ -128,7 +129,7 @@ class MSAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        shape = x.shape
+        x_in = x
         x, cu, pos = self._layout(x, cu_seqlens, positions)
         t, hq, hkv, d, di = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
         q = self.q_norm(self.q_proj(x).view(t, hq, d))
@@ -148,7 +149,7 @@ class MSAttention(nn.Module):
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, lse=lse,
                                  backend=self.backend)
         self.kl_loss = kl
-        return self.o_proj(o.reshape(t, hq * d)).view(shape)
+        return self.o_proj(o.reshape(t, hq * d)).view(x_in.shape)
 
 
 def collect_kl_losses(model: nn.Module) -> torch.Tensor | None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Bytes of temporaries a reference chunk may allocate. 256 MiB keeps a 32K-token,
+# Bytes of temporaries a reference chunk may allocate. 128 MiB keeps a 32K-token,
 # default-configuration layer well inside a 24 GB CPU machine.
-_DEFAULT_CHUNK_BYTES = 256 << 20
+_DEFAULT_CHUNK_BYTES = 128 << 20
 
 
 def chunk_bytes() -> int:
@@ -63,50 +63,93 @@ def sequences(cu_q: tuple, cu_k: tuple):
             yield cu_q[b], lq, cu_k[b], cu_k[b + 1] - cu_k[b]
 
 
-def selected_key_tokens(topk_rows: torch.Tensor, meta: RowMeta, rows: slice, block_size: int):
-    """Key tokens of the selected blocks, spec section 5.
+@dataclass(frozen=True)
+class BlockLayout:
+    """Keys re-laid as blocks of B tokens, so that a selected block is one contiguous
+    [B, D] slice per head: gathers and scatter-adds then move whole blocks instead of
+    single tokens. Global block ``row_block_base[t] + c`` is block c of row t's
+    sequence; block ``num_blocks`` is an all-zero dummy that invalid slots point to."""
+
+    block_size: int
+    num_blocks: int
+    token_slot: torch.Tensor  # int64 [total_k]: position of each key in the blocked order
+    row_block_base: torch.Tensor  # int64 [total_q]
+
+
+def block_layout(cu_q: tuple, cu_k: tuple, block_size: int, device) -> BlockLayout:
+    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
+    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+    nblk = [(n + block_size - 1) // block_size for n in lk]
+    base = [0]
+    for n in nblk:
+        base.append(base[-1] + n)
+    lk_t = torch.tensor(lk, dtype=torch.int64)
+    base_t = torch.tensor(base[:-1], dtype=torch.int64)
+    start_t = torch.tensor(cu_k[:-1], dtype=torch.int64)
+    j = torch.arange(cu_k[-1], dtype=torch.int64) - torch.repeat_interleave(start_t, lk_t)
+    token_slot = torch.repeat_interleave(base_t, lk_t) * block_size + j
+    row_base = torch.repeat_interleave(base_t, torch.tensor(lq, dtype=torch.int64))
+    return BlockLayout(block_size, base[-1], token_slot.to(device), row_base.to(device))
+
+
+def to_blocks(x: torch.Tensor, layout: BlockLayout, dtype) -> torch.Tensor:
+    """[total_k, H, D] -> [num_blocks + 1, H, B, D] in ``dtype``, zero padded."""
+    _, h, d = x.shape
+    b = layout.block_size
+    xb = torch.zeros((layout.num_blocks + 1) * b, h, d, dtype=dtype, device=x.device)
+    xb[layout.token_slot] = x.to(dtype)
+    return xb.view(layout.num_blocks + 1, b, h, d).transpose(1, 2).contiguous()
+
+
+def from_blocks(xb: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Inverse of to_blocks: [num_blocks + 1, H, B, D] -> [total_k, H, D]."""
+    nb, h, b, d = xb.shape
+    return xb.transpose(1, 2).reshape(nb * b, h, d)[layout.token_slot]
+
+
+def selected_blocks(topk_rows: torch.Tensor, meta: RowMeta, layout: BlockLayout, rows: slice):
+    """Global block ids and token mask of the selected blocks, spec section 5.
 
     topk_rows: int32 [Hkv, R, K] block ids of the rows ``rows``.
-    Returns (key_idx, valid), both [Hkv, R, K * block_size]: global key token ids
-    (0 where invalid, so that gathers stay in bounds) and whether the token belongs
-    to T(t, g): its block id is in range, not a duplicate of an earlier slot, and the
-    token is causally visible (j <= p).
+    Returns (gid [Hkv, R, K] into the blocked layout, the dummy block where a slot is
+    invalid) and valid [Hkv, R, K * B]: the token belongs to T(t, g), i.e. its block id
+    is in range, not a duplicate of an earlier slot, and the token is visible (j <= p).
     """
+    bsz = layout.block_size
     ids = topk_rows.long()
     hkv, r, k = ids.shape
     pos = meta.pos[rows]
-    num_blocks = (meta.seq_len_k[rows] + block_size - 1) // block_size
+    num_blocks = (meta.seq_len_k[rows] + bsz - 1) // bsz
     ok = (ids >= 0) & (ids < num_blocks[None, :, None])
     # Duplicated ids count once: drop a slot whose id already appeared in an earlier slot.
     same = ids[..., :, None] == ids[..., None, :]
     earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)
     ok &= ~(same & earlier).any(-1)
-    local_j = ids[..., None] * block_size + torch.arange(block_size, device=ids.device)
+    local_j = ids[..., None] * bsz + torch.arange(bsz, device=ids.device)
     valid = ok[..., None] & (local_j <= pos[None, :, None, None])
-    key_idx = torch.where(valid, local_j + meta.k_start[rows][None, :, None, None], 0)
-    return key_idx.view(hkv, r, k * block_size), valid.view(hkv, r, k * block_size)
+    gid = torch.where(ok, ids + layout.row_block_base[rows][None, :, None], layout.num_blocks)
+    return gid, valid.view(hkv, r, k * bsz)
 
 
-def gather_keys(x: torch.Tensor, key_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [total_k, H, D] with H = Hkv or 1 (shared index key); key_idx [Hkv, R, N].
-    Returns [Hkv, R, N, D] in ``dtype``: x[key_idx[g, r, n], g]."""
-    hkv = key_idx.shape[0]
-    if x.shape[1] == 1:
-        return x[:, 0][key_idx].to(dtype)
-    heads = torch.arange(hkv, device=key_idx.device).view(hkv, 1, 1)
-    return x[key_idx, heads].to(dtype)
+def _heads(xb: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    """Head index per gid entry: group g for per-group keys, 0 for the shared index key."""
+    if xb.shape[1] == 1:
+        return torch.zeros((), dtype=torch.long, device=gid.device)
+    return torch.arange(gid.shape[0], device=gid.device).view(-1, 1, 1)
 
 
-def scatter_add_keys(dx: torch.Tensor, key_idx: torch.Tensor, contrib: torch.Tensor) -> None:
-    """Inverse of gather_keys: dx[key_idx[g, r, n], g] += contrib[g, r, n] (in place).
-    dx [total_k, H, D] with H = Hkv or 1; contributions of invalid slots are zero."""
-    hkv, r, n, d = contrib.shape
-    if dx.shape[1] == 1:
-        dx[:, 0].index_add_(0, key_idx.reshape(-1), contrib.reshape(-1, d).to(dx.dtype))
-        return
-    heads = torch.arange(hkv, device=key_idx.device).view(hkv, 1, 1).expand_as(key_idx)
-    dx.index_put_((key_idx.reshape(-1), heads.reshape(-1)), contrib.reshape(-1, d).to(dx.dtype),
-                  accumulate=True)
+def gather_blocks(xb: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    """xb [num_blocks + 1, H, B, D] (H = Hkv, or 1 for the shared index key);
+    gid [Hkv, R, K]. Returns [Hkv, R, K * B, D]: the selected blocks of group g."""
+    hkv, r, k = gid.shape
+    return xb[gid, _heads(xb, gid)].view(hkv, r, k * xb.shape[2], xb.shape[3])
+
+
+def scatter_add_blocks(dxb: torch.Tensor, gid: torch.Tensor, contrib: torch.Tensor) -> None:
+    """Inverse of gather_blocks: dxb[gid[g, r, s], head] += the slot's [B, D] slice."""
+    nb, h, b, d = dxb.shape
+    flat = (gid * h + _heads(dxb, gid)).reshape(-1)
+    dxb.view(nb * h, b, d).index_add_(0, flat, contrib.reshape(-1, b, d).to(dxb.dtype))
 
 
 def matmul_keys(a: torch.Tensor, keys: torch.Tensor, transpose_keys: bool) -> torch.Tensor:

@@ -14,26 +14,28 @@ from __future__ import annotations
 import torch
 
 from ..common import (
-    RowMeta, chunk_rows, compute_dtype, gather_keys, masked_softmax_stats, matmul_keys,
-    row_meta, safe_lse, scatter_add_keys, selected_key_tokens, sequences,
+    RowMeta, block_layout, chunk_rows, compute_dtype, from_blocks, gather_blocks,
+    masked_softmax_stats, matmul_keys, row_meta, safe_lse, scatter_add_blocks, selected_blocks,
+    sequences, to_blocks,
 )
 
 
-def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, block_size: int,
-               bytes_per_key: int):
-    """Yield (rows, key_idx, valid) chunks covering every query row once.
+def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, layout, bytes_per_key: int):
+    """Yield (rows, sel, valid) chunks covering every query row once; ``bytes_per_key``
+    is what one (row, key slot) pair costs in temporaries, all heads included.
 
-    Sparse (topk_indices given): rows of all sequences together; key_idx/valid are
-    [Hkv, R, K*B] per-row token lists. Dense (None): per sequence, key_idx is the
-    sequence's keys [1, Lk] shared by all rows and valid is the causal mask [1, R, Lk].
+    Sparse (topk_indices given): rows of all sequences together; ``sel`` is the
+    [Hkv, R, K] global block ids of the blocked layout and valid the [Hkv, R, K*B]
+    token mask. Dense (None): per sequence; ``sel`` is the sequence's key ids [1, Lk]
+    shared by all rows and valid the causal mask [1, R, Lk].
     """
     if topk_indices is not None:
-        hkv, total_q, k = topk_indices.shape
-        rows_per_chunk = chunk_rows(hkv * k * block_size * bytes_per_key)
+        _, total_q, k = topk_indices.shape
+        rows_per_chunk = chunk_rows(k * layout.block_size * bytes_per_key)
         for r0 in range(0, total_q, rows_per_chunk):
             rows = slice(r0, min(total_q, r0 + rows_per_chunk))
-            key_idx, valid = selected_key_tokens(topk_indices[:, rows], meta, rows, block_size)
-            yield rows, key_idx, valid
+            gid, valid = selected_blocks(topk_indices[:, rows], meta, layout, rows)
+            yield rows, gid, valid
         return
     for q0, lq, k0, lk in sequences(cu_q, cu_k):
         keys = torch.arange(lk, device=meta.pos.device)
@@ -44,18 +46,46 @@ def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, block_size
             yield rows, (keys + k0)[None], valid[None]
 
 
-def keys_for(x: torch.Tensor, key_idx: torch.Tensor, dtype) -> torch.Tensor:
-    """Keys of a chunk: per row [Hkv, R, N, D] (sparse) or shared [H, N, D] (dense)."""
-    if key_idx.dim() == 3:
-        return gather_keys(x, key_idx, dtype)
-    return x[key_idx[0]].to(dtype).transpose(0, 1)
+class Keys:
+    """A key-side tensor x [total_k, H, D] (H = Hkv, or 1 for the shared index key)
+    prepared for the chunks: blocked (sparse) or used in place (dense, layout None)."""
+
+    def __init__(self, x: torch.Tensor, layout, dtype):
+        self.x, self.layout, self.dtype = x, layout, dtype
+        self.blocks = to_blocks(x, layout, dtype) if layout is not None else None
+
+    def gather(self, sel: torch.Tensor) -> torch.Tensor:
+        """Per-row keys [Hkv, R, K*B, D] (sparse) or shared keys [H, Lk, D] (dense)."""
+        if self.blocks is not None:
+            return gather_blocks(self.blocks, sel)
+        return self.x[sel[0]].to(self.dtype).transpose(0, 1)
 
 
-def add_to_keys(dx: torch.Tensor, key_idx: torch.Tensor, contrib: torch.Tensor) -> None:
-    if key_idx.dim() == 3:
-        scatter_add_keys(dx, key_idx, contrib)
-    else:
-        dx[key_idx[0]] += contrib.transpose(0, 1).to(dx.dtype)
+class KeyGrad:
+    """Accumulates the gradient of a key-side tensor chunk by chunk."""
+
+    def __init__(self, x: torch.Tensor, layout, dtype):
+        self.x, self.layout = x, layout
+        if layout is not None:
+            self.acc = torch.zeros((layout.num_blocks + 1, x.shape[1], layout.block_size, x.shape[2]),
+                                   dtype=dtype, device=x.device)
+        else:
+            self.acc = torch.zeros(x.shape, dtype=dtype, device=x.device)
+
+    def add(self, sel: torch.Tensor, contrib: torch.Tensor) -> None:
+        """contrib: [Hkv, R, K*B, D] per row (sparse) or [H, Lk, D] summed over rows (dense)."""
+        if self.layout is not None:
+            scatter_add_blocks(self.acc, sel, contrib)
+        else:
+            self.acc[sel[0]] += contrib.transpose(0, 1)
+
+    def result(self) -> torch.Tensor:
+        g = from_blocks(self.acc, self.layout) if self.layout is not None else self.acc
+        return g.to(self.x.dtype)
+
+
+def layout_for(topk_indices, cu_q, cu_k, block_size, device):
+    return None if topk_indices is None else block_layout(cu_q, cu_k, block_size, device)
 
 
 def group_rows(x: torch.Tensor, rows: slice, hkv: int, dtype) -> torch.Tensor:
@@ -70,10 +100,10 @@ def ungroup(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-def attention_scores(q, k, rows, key_idx, valid, hkv, scale, cdt):
+def attention_scores(q, keys: Keys, rows, sel, valid, hkv, scale, cdt):
     """Masked scores s [Hkv, R, G, N] (masked entries -inf), the grouped queries and keys."""
     qg = group_rows(q, rows, hkv, cdt)
-    kk = keys_for(k, key_idx, cdt)
+    kk = keys.gather(sel)
     s = matmul_keys(qg, kk, transpose_keys=True) * scale
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
     return s, qg, kk
@@ -85,13 +115,15 @@ def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
     hkv = k.shape[1]
     cdt = compute_dtype(q.dtype)
     meta = row_meta(cu_q, cu_k, q.device)
+    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    keys, values = Keys(k, layout, cdt), Keys(v, layout, cdt)
     out = torch.zeros_like(q)
     lse = torch.full((total_q, hq), float("-inf"), dtype=cdt, device=q.device)
     per_key = cdt.itemsize * (2 * hkv * d + 3 * hq) + 2
-    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
-        s, _, _ = attention_scores(q, k, rows, key_idx, valid, hkv, scale, cdt)
+    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+        s, _, _ = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
         m, p, l = masked_softmax_stats(s)
-        o = matmul_keys(p, keys_for(v, key_idx, cdt), transpose_keys=False)
+        o = matmul_keys(p, values.gather(sel), transpose_keys=False)
         # Empty T (possible for hand-made indices): out = 0 and lse = -inf, never NaN.
         o = torch.where(l > 0, o / l, torch.zeros_like(o))
         out[rows] = ungroup(o).to(q.dtype)
@@ -104,13 +136,14 @@ def attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, cu_k, block_si
     hkv = k.shape[1]
     cdt = compute_dtype(q.dtype)
     meta = row_meta(cu_q, cu_k, q.device)
+    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    keys, values = Keys(k, layout, cdt), Keys(v, layout, cdt)
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    dk, dv = KeyGrad(k, layout, cdt), KeyGrad(v, layout, cdt)
     per_key = cdt.itemsize * (4 * hkv * d + 4 * hq) + 2
-    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
-        s, qg, kk = attention_scores(q, k, rows, key_idx, valid, hkv, scale, cdt)
-        vv = keys_for(v, key_idx, cdt)
+    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+        s, qg, kk = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
+        vv = values.gather(sel)
         lse_g = safe_lse(lse[rows].view(-1, hkv, hq // hkv).permute(1, 0, 2))
         p = torch.exp(s - lse_g[..., None])  # [Hkv, R, G, N], 0 where masked
         dog = group_rows(do, rows, hkv, cdt)
@@ -119,16 +152,14 @@ def attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, cu_k, block_si
         dp = matmul_keys(dog, vv, transpose_keys=True)
         ds = p * (dp - delta) * scale
         dq[rows] = ungroup(matmul_keys(ds, kk, transpose_keys=False))
-        if key_idx.dim() == 3:  # per-row keys: contributions per (row, token)
-            dk_c = torch.matmul(ds.transpose(-1, -2), qg)
-            dv_c = torch.matmul(p.transpose(-1, -2), dog)
+        if layout is not None:  # per-row keys: contributions per (row, token)
+            dk.add(sel, torch.matmul(ds.transpose(-1, -2), qg))
+            dv.add(sel, torch.matmul(p.transpose(-1, -2), dog))
         else:  # shared keys: sum over rows and heads in one product
             r, g = ds.shape[1], ds.shape[2]
-            dk_c = torch.matmul(ds.reshape(hkv, r * g, -1).transpose(-1, -2), qg.reshape(hkv, r * g, d))
-            dv_c = torch.matmul(p.reshape(hkv, r * g, -1).transpose(-1, -2), dog.reshape(hkv, r * g, d))
-        add_to_keys(dk, key_idx, dk_c)
-        add_to_keys(dv, key_idx, dv_c)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            dk.add(sel, torch.matmul(ds.reshape(hkv, r * g, -1).transpose(-1, -2), qg.reshape(hkv, r * g, d)))
+            dv.add(sel, torch.matmul(p.reshape(hkv, r * g, -1).transpose(-1, -2), dog.reshape(hkv, r * g, d)))
+    return dq.to(q.dtype), dk.result(), dv.result()
 
 
 class SparseAttentionReference(torch.autograd.Function):

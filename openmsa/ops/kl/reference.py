@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.reference import add_to_keys, attention_scores, key_chunks, keys_for
+from ..attention.reference import KeyGrad, Keys, attention_scores, key_chunks, layout_for
 from ..common import compute_dtype, masked_softmax_stats, matmul_keys, row_meta, safe_lse
 
 
-def _chunk_distributions(q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt):
+def _chunk_distributions(q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt):
     """Teacher and log-student over the chunk's key set, both [Hkv, R, N], plus the
     grouped index queries and gathered index keys for the backward."""
-    hkv = k.shape[1]
-    s, _, _ = attention_scores(q, k, rows, key_idx, valid, hkv, scale, cdt)
+    hkv = qi.shape[1]
+    s, _, _ = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
     if lse is None:
         m, _, l = masked_softmax_stats(s)
         lse_g = m + torch.log(l)
@@ -30,7 +30,7 @@ def _chunk_distributions(q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse
     teacher = torch.exp(s - safe_lse(lse_g)).mean(2)  # [Hkv, R, N], 0 where masked
 
     qig = qi[rows].to(cdt).transpose(0, 1)[:, :, None, :]  # [Hkv, R, 1, Di]
-    kik = keys_for(ki, key_idx, cdt)
+    kik = ikeys.gather(sel)
     z = (matmul_keys(qig, kik, transpose_keys=True) * scale_i)[:, :, 0]  # [Hkv, R, N]
     z = z.masked_fill(~valid, float("-inf"))
     if index_lse is None:
@@ -48,16 +48,22 @@ def _kl_terms(teacher, log_student, valid):
     return torch.where(teacher > 0, teacher * (torch.log(safe_t) - safe_s), torch.zeros_like(teacher))
 
 
+def _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt):
+    meta = row_meta(cu_q, cu_k, q.device)
+    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    return meta, layout, Keys(k, layout, cdt), Keys(ki, layout, cdt)
+
+
 def kl_forward(q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i, lse, index_lse):
     """Sum over (t, g) of KL(P_T || P_S), unnormalised, in the compute dtype."""
     cdt = compute_dtype(qi.dtype)
     hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
-    meta = row_meta(cu_q, cu_k, q.device)
+    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt)
     total = torch.zeros((), dtype=cdt, device=q.device)
     per_key = cdt.itemsize * (hkv * (d + qi.shape[2] + 6) + 2 * hq) + 2
-    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
         teacher, log_student, valid_e, _, _ = _chunk_distributions(
-            q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt)
+            q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt)
         total = total + _kl_terms(teacher, log_student, valid_e).sum()
     return total
 
@@ -67,21 +73,20 @@ def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, 
     """d loss / d qi and d ki for d loss / d z = grad_scale * (P_S - P_T)."""
     cdt = compute_dtype(qi.dtype)
     hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
-    meta = row_meta(cu_q, cu_k, q.device)
+    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt)
     dqi = torch.zeros(qi.shape, dtype=cdt, device=q.device)
-    dki = torch.zeros(ki.shape, dtype=cdt, device=q.device)
+    dki = KeyGrad(ki, layout, cdt)
     per_key = cdt.itemsize * (hkv * (d + 2 * qi.shape[2] + 8) + 2 * hq) + 2
-    for rows, key_idx, valid in key_chunks(meta, cu_q, cu_k, topk_indices, block_size, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
         teacher, log_student, _, qig, kik = _chunk_distributions(
-            q, k, qi, ki, rows, key_idx, valid, scale, scale_i, lse, index_lse, cdt)
+            q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt)
         dz = (torch.exp(log_student) - teacher) * (grad_scale * scale_i)  # [Hkv, R, N]
         dqi[rows] = matmul_keys(dz[:, :, None, :], kik, transpose_keys=False)[:, :, 0].transpose(0, 1)
-        if key_idx.dim() == 3:
-            dki_c = dz[..., None] * qig  # [Hkv, R, N, Di]
+        if layout is not None:
+            dki.add(sel, dz[..., None] * qig)  # [Hkv, R, N, Di]
         else:  # shared keys: sum the rows and groups in one product -> [1, N, Di]
-            dki_c = torch.einsum("grn,grd->nd", dz, qig[:, :, 0])[None]
-        add_to_keys(dki, key_idx, dki_c)
-    return dqi.to(qi.dtype), dki.to(ki.dtype)
+            dki.add(sel, torch.einsum("grn,grd->nd", dz, qig[:, :, 0])[None])
+    return dqi.to(qi.dtype), dki.result()
 
 
 class IndexerKLReference(torch.autograd.Function):
