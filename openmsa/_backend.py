@@ -2,16 +2,58 @@
 
 "auto" picks the Triton kernels for CUDA tensors when the op has them and the
 PyTorch reference otherwise. "triton" on CPU tensors runs the kernels under
-Triton's interpreter (TRITON_INTERPRET=1). Ops register their Triton
-implementation in ``TRITON_OPS`` when it lands.
+Triton's interpreter (TRITON_INTERPRET=1).
+
+Kernel modules are imported lazily, on the first call of their op: Triton decides
+at decoration time whether a kernel is compiled or interpreted, so the interpreter
+switch must be set before that import (see ``_load``).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 
-# op name -> callable; filled by the Triton kernel modules as they land.
-TRITON_OPS: dict = {}
+# op name -> "module:function" of its Triton launcher. The launcher takes the packed,
+# validated arguments (see api.py) and returns what the public function returns.
+_TRITON_IMPLS = {
+    "sparse_attention": "openmsa.ops.attention.triton_impl:sparse_attention_triton",
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_kernel_mode: str | None = None  # "interpreted" or "compiled", fixed by the first load
+
+
+def _load(path: str, device: torch.device):
+    global _kernel_mode
+    if _kernel_mode is None:
+        if device.type == "cpu" and not _interpreting():
+            os.environ["TRITON_INTERPRET"] = "1"
+        _kernel_mode = "interpreted" if _interpreting() else "compiled"
+    if device.type == "cpu" and _kernel_mode == "compiled":
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs Triton's interpreter, but this process "
+            "already compiled the kernels for a GPU; set TRITON_INTERPRET=1 before the first call")
+    module_name, fn = path.split(":")
+    return getattr(importlib.import_module(module_name), fn)
+
+
+def _lazy(op: str, path: str):
+    def run(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        return _load(path, device)(*args, **kwargs)
+    run.__name__ = f"{op}_triton"
+    return run
+
+
+# op name -> callable; the tests may replace it.
+TRITON_OPS: dict = {op: _lazy(op, path) for op, path in _TRITON_IMPLS.items()}
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:

@@ -1,0 +1,126 @@
+"""Triton kernels of the sparse attention forward, KV-outer (spec section 5).
+
+``sparse_fwd_tile_kernel``: one program per tile of the schedule (schedule.py): one
+key block of one group, and up to TOKENS query rows that selected it, times the G
+query heads of the group = one MMA tile of TOKENS * G_PAD rows. It loads the key
+block once, computes the exact softmax of those rows over the block's visible keys
+and writes a normalised partial output and its LSE at the entries' CSR positions.
+
+``combine_kernel``: one program per (query row, group) merges the row's <= K partials
+(flash-decoding style) into the output and the final LSE.
+
+Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the
+softmax uses exp2.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def sparse_fwd_tile_kernel(
+    Q, K, V, PART_O, PART_LSE,
+    tile_group, tile_start, tile_end,
+    entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
+    num_blocks_bound, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
+):
+    w = tl.program_id(0)
+    e0 = tl.load(tile_start + w)
+    e1 = tl.load(tile_end + w)
+    if e0 < e1:
+        grp = tl.load(tile_group + w)
+        g = grp // num_blocks_bound
+        gb = grp % num_blocks_bound
+        seq = tl.load(row_seq + tl.load(entry_row + e0))
+        c = gb - tl.load(block_base + seq)
+        k_start = tl.load(seq_k_start + seq).to(tl.int64)
+        len_k = tl.load(seq_len_k + seq)
+
+        r = tl.arange(0, TOKENS * G_PAD)
+        e = e0 + r // G_PAD
+        h = r % G_PAD
+        row_ok = (e < e1) & (h < G)
+        t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
+        pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+        d = tl.arange(0, D)
+        q = tl.load(Q + t[:, None] * stride_qt + (g * G + h)[:, None].to(tl.int64) * stride_qh
+                    + d[None, :], mask=row_ok[:, None], other=0.0)
+
+        j = c * BLOCK + tl.arange(0, BLOCK)  # key positions within the sequence
+        key_ok = j < len_k
+        krow = k_start + j.to(tl.int64)
+        kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
+                     mask=key_ok[:, None], other=0.0)
+
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = s * scale_log2
+        visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        if IEEE:
+            o = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(vt.dtype), vt)
+        l_safe = tl.where(l > 0, l, 1.0)
+        o = o / l_safe[:, None]
+        lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+
+        out_row = e.to(tl.int64) * G + h
+        tl.store(PART_O + out_row[:, None] * D + d[None, :], o, mask=row_ok[:, None])
+        tl.store(PART_LSE + out_row, lse, mask=row_ok)
+
+
+@triton.jit
+def combine_kernel(
+    PART_O, PART_LSE, entry_of, OUT, LSE,
+    row0, num_rows, topk,
+    stride_ot, stride_oh, stride_lt,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+):
+    i = tl.program_id(0)  # row within the chunk
+    g = tl.program_id(1)
+    h = tl.arange(0, G_PAD)
+    h_ok = h < G
+    d = tl.arange(0, D)
+    base = (g.to(tl.int64) * num_rows + i) * topk
+    # Pass 1: running max and normaliser of the partial LSEs, per head.
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            lse_s = tl.load(PART_LSE + e.to(tl.int64) * G + h, mask=h_ok, other=float("-inf"))
+            m = tl.maximum(m, lse_s)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            row = e.to(tl.int64) * G + h
+            lse_s = tl.load(PART_LSE + row, mask=h_ok, other=float("-inf"))
+            wgt = tl.exp(lse_s - m_safe)
+            den += wgt
+            acc += wgt[:, None] * tl.load(PART_O + row[:, None] * D + d[None, :],
+                                          mask=h_ok[:, None], other=0.0)
+    den_safe = tl.where(den > 0, den, 1.0)
+    out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0
+    lse = tl.where(den > 0, m_safe + tl.log(den_safe), float("-inf"))
+    t = (row0 + i).to(tl.int64)
+    heads = (g * G + h).to(tl.int64)
+    tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)

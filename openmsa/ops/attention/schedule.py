@@ -1,0 +1,108 @@
+"""KV-outer schedule of the sparse attention kernels (spec section 5), built on the
+GPU with torch ops: no host synchronisation, so the whole op is graph-capturable.
+
+The Top-k lists say, per (group g, query row t), which key blocks t reads. The
+KV-outer loop order needs the inverse: per (g, key block), which query rows selected
+it (a CSR list), cut into tiles of ``tokens_per_tile`` rows so that one program
+loads one key block once and runs full MMA tiles of (query tokens x heads of the
+group). A hot block (the first block is chosen by nearly every query) simply yields
+many tiles, which spreads it over many programs.
+
+Entries are (g, t, slot) triples that contribute: the id is in range, not a
+duplicate of an earlier slot of the row, and the block starts at or before the
+row's causal position (otherwise its token set is empty). Each entry has a place in
+the CSR order; the attention kernel writes that entry's partial output there and
+the combine kernel finds a row's <= K partials through ``entry_of``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowInfo:
+    """Per query row, for the whole call (int32, on the device)."""
+
+    seq: torch.Tensor  # sequence of the row
+    pos: torch.Tensor  # causal position p = Lk - Lq + i
+    seq_k_start: torch.Tensor  # per sequence: first key row
+    seq_len_k: torch.Tensor  # per sequence: Lk
+    block_base: torch.Tensor  # per sequence: global id of its block 0
+    num_blocks_bound: int  # host upper bound on the number of global blocks
+
+
+def row_info(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int,
+             block_size: int) -> RowInfo:
+    nseq = cu_q.numel() - 1
+    t = torch.arange(total_q, dtype=torch.int32, device=cu_q.device)
+    seq = torch.searchsorted(cu_q[1:].contiguous(), t, right=True).to(torch.int32)
+    seq = seq.clamp_(max=max(nseq - 1, 0))
+    len_q = cu_q[1:] - cu_q[:-1]
+    len_k = cu_k[1:] - cu_k[:-1]
+    pos = (len_k - len_q)[seq] + (t - cu_q[:-1][seq])
+    nblk = (len_k + block_size - 1) // block_size
+    base = (torch.cumsum(nblk, 0) - nblk).to(torch.int32)
+    # Each sequence adds at most one partial block to total_k / B.
+    bound = total_k // block_size + nseq
+    return RowInfo(seq, pos.to(torch.int32), cu_k[:-1].contiguous(), len_k.to(torch.int32).contiguous(),
+                   base, bound)
+
+
+@dataclass
+class TileSchedule:
+    entry_row: torch.Tensor  # int32 [E]: query row of the entry at each CSR position
+    entry_of: torch.Tensor  # int32 [Hkv, R, K]: CSR position of (g, row, slot), -1 if none
+    tile_group: torch.Tensor  # int32 [W]: (g * num_blocks_bound + global block) of the tile
+    tile_start: torch.Tensor  # int32 [W]: first CSR position of the tile
+    tile_end: torch.Tensor  # int32 [W]: one past its last (start == end: no work)
+    num_tiles_bound: int  # W, a host-side upper bound; the real count is on the device
+
+
+def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size: int,
+                   tokens_per_tile: int) -> TileSchedule:
+    """CSR of the rows [row0, row0 + R) of ``topk_rows`` ([Hkv, R, K] int32)."""
+    hkv, r, k = topk_rows.shape
+    dev = topk_rows.device
+    nb = info.num_blocks_bound
+    ids = topk_rows.long()
+    rows = torch.arange(row0, row0 + r, device=dev)
+    seq = info.seq[rows].long()
+    pos = info.pos[rows].long()
+    nblk = (info.seq_len_k.long()[seq] + block_size - 1) // block_size
+    ok = (ids >= 0) & (ids < nblk[None, :, None]) & (ids * block_size <= pos[None, :, None])
+    same = ids[..., :, None] == ids[..., None, :]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)
+    ok &= ~(same & earlier).any(-1)
+    group = (torch.arange(hkv, device=dev).view(hkv, 1, 1) * nb
+             + info.block_base.long()[seq][None, :, None] + ids)
+    sentinel = hkv * nb
+    key = torch.where(ok, group, sentinel).flatten()
+    # int32 keys sort faster; hkv * nb stays far below 2**31 for any real context.
+    order = torch.sort(key.to(torch.int32), stable=True).indices
+    e = key.numel()
+    counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, key, torch.ones_like(key))[:-1]
+    group_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + tokens_per_tile - 1) // tokens_per_tile
+    tile_cum = torch.cumsum(tiles, 0)
+
+    # Every non-empty group adds at most one partial tile.
+    w_bound = e // tokens_per_tile + min(sentinel, e) + 1
+    w = torch.arange(w_bound, device=dev)
+    grp = torch.searchsorted(tile_cum, w, right=True).clamp_(max=sentinel - 1)
+    first_tile = tile_cum[grp] - tiles[grp]
+    start = group_start[grp] + (w - first_tile) * tokens_per_tile
+    end = torch.minimum(start + tokens_per_tile, group_start[grp] + counts[grp])
+    live = w < tile_cum[-1]
+    start = torch.where(live, start, 0)
+    end = torch.where(live, end, 0)
+
+    entry_row = ((order // k) % r + row0).to(torch.int32)
+    position = torch.empty(e, dtype=torch.int64, device=dev)
+    position[order] = torch.arange(e, device=dev)
+    entry_of = torch.where(ok.flatten(), position, -1).view(hkv, r, k).to(torch.int32)
+    return TileSchedule(entry_row, entry_of, grp.to(torch.int32), start.to(torch.int32),
+                        end.to(torch.int32), w_bound)

@@ -1,0 +1,99 @@
+"""Launcher of the KV-outer sparse attention forward (kernels.py, schedule.py).
+
+Query rows are processed in chunks so that the partial outputs (one [G, D] float32
+tile per (row, group, selected block)) stay within ``OPENMSA_PARTIAL_BYTES``
+(default 2 GiB) however long the sequence. Chunk sizes depend only on shapes, so
+the launcher never reads device values on the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..common import compute_dtype
+from .kernels import LOG2E, combine_kernel, sparse_fwd_tile_kernel
+from .reference import attention_backward
+from .schedule import build_schedule, row_info
+
+_PARTIAL_BYTES = int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
+# One MMA tile has max(128, G_PAD) rows: TOKENS query tokens x G_PAD heads. 128 rows
+# matches Hopper's wgmma M (2 x 64) and keeps the tile's registers in budget.
+_TILE_ROWS = 128
+
+
+def _check_supported(q, block_size):
+    d = q.shape[2]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"q: the Triton sparse attention supports head_dim in "
+                         f"{{16, 32, 64, 128, 256}}, got {d}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size: the Triton sparse attention supports 16, 32, 64 or 128, "
+                         f"got {block_size}")
+
+
+def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    g_pad = triton.next_power_of_2(g)
+    tokens = max(1, _TILE_ROWS // g_pad)
+    topk = topk_indices.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
+    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * d * 4)))
+    part_o = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((hkv * rows_per_chunk * topk * g,), dtype=torch.float32, device=q.device)
+    ieee = q.dtype == torch.float32
+    for row0 in range(0, total_q, rows_per_chunk):
+        rows = min(rows_per_chunk, total_q - row0)
+        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size, tokens)
+        sparse_fwd_tile_kernel[(sched.num_tiles_bound,)](
+            q, k, v, part_o, part_lse,
+            sched.tile_group, sched.tile_start, sched.tile_end,
+            sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
+            info.num_blocks_bound, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
+            num_warps=8 if tokens * g_pad >= 128 else 4, num_stages=1,
+        )
+        combine_kernel[(rows, hkv)](
+            part_o, part_lse, sched.entry_of, out, lse,
+            row0, rows, topk,
+            out.stride(0), out.stride(1), lse.stride(0),
+            G=g, G_PAD=g_pad, D=d, num_warps=4,
+        )
+    return out, lse
+
+
+class SparseAttentionTriton(torch.autograd.Function):
+    """Forward through the KV-outer kernels. The backward kernels are not written yet:
+    until they land the backward runs the exact PyTorch reference (correct, slow)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, topk_indices, varlen, block_size, scale):
+        out, lse = sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale)
+        ctx.save_for_backward(q, k, v, topk_indices, out, lse)
+        ctx.args = (varlen, block_size, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, topk_indices, out, lse = ctx.saved_tensors
+        varlen, block_size, scale = ctx.args
+        varlen = varlen.host()
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse.to(compute_dtype(q.dtype)), topk_indices,
+                                        varlen.cu_q, varlen.cu_k, block_size, scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):
+    _check_supported(q, block_size)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return SparseAttentionTriton.apply(q, k, v, topk_indices.contiguous(), varlen, block_size, scale)
