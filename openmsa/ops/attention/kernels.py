@@ -80,7 +80,8 @@ def sparse_fwd_tile_kernel(
         lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
         out_row = e.to(tl.int64) * G + h
-        tl.store(PART_O + out_row[:, None] * D + d[None, :], o, mask=row_ok[:, None])
+        tl.store(PART_O + out_row[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty),
+                 mask=row_ok[:, None])
         tl.store(PART_LSE + out_row, lse, mask=row_ok)
 
 
@@ -115,7 +116,7 @@ def combine_kernel(
             wgt = tl.exp(lse_s - m_safe)
             den += wgt
             acc += wgt[:, None] * tl.load(PART_O + row[:, None] * D + d[None, :],
-                                          mask=h_ok[:, None], other=0.0)
+                                          mask=h_ok[:, None], other=0.0).to(tl.float32)
     den_safe = tl.where(den > 0, den, 1.0)
     out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0
     lse = tl.where(den > 0, m_safe + tl.log(den_safe), float("-inf"))
@@ -124,3 +125,105 @@ def combine_kernel(
     tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
     tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
+
+
+@triton.jit
+def sparse_bwd_segment_kernel(
+    Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+    tile_group, tile_start, tile_end,
+    entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
+    num_blocks_bound, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
+    G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program per segment: one key block of one group and a run of the CSR
+    entries that selected it, walked TOKENS query tokens (x G heads) at a time.
+    dK, dV of the block accumulate in registers over the segment and are added to
+    the float32 accumulators once (atomics only between segments of a hot block);
+    dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
+    w = tl.program_id(0)
+    e0 = tl.load(tile_start + w)
+    e1 = tl.load(tile_end + w)
+    if e0 < e1:
+        grp = tl.load(tile_group + w)
+        g = grp // num_blocks_bound
+        gb = grp % num_blocks_bound
+        seq = tl.load(row_seq + tl.load(entry_row + e0))
+        c = gb - tl.load(block_base + seq)
+        k_start = tl.load(seq_k_start + seq).to(tl.int64)
+        len_k = tl.load(seq_len_k + seq)
+        d = tl.arange(0, D)
+        j = c * BLOCK + tl.arange(0, BLOCK)
+        key_ok = j < len_k
+        krow = k_start + j.to(tl.int64)
+        kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        dk = tl.zeros((BLOCK, D), tl.float32)
+        dv = tl.zeros((BLOCK, D), tl.float32)
+        r = tl.arange(0, TOKENS * G_PAD)
+        h = r % G_PAD
+        for es in range(e0, e1, TOKENS):
+            e = es + r // G_PAD
+            row_ok = (e < e1) & (h < G)
+            t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
+            pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+            head = (g * G + h).to(tl.int64)
+            q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + t[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + t * stride_lt + head, mask=row_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kt))
+            visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
+            p = tl.where(visible, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
+            if IEEE:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+                dq = tl.dot(ds, kt, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dq = tl.dot(ds.to(kt.dtype), kt)
+            out_row = e.to(tl.int64) * G + h
+            tl.store(PART_DQ + out_row[:, None] * D + d[None, :], dq * scale, mask=row_ok[:, None])
+        tl.atomic_add(DK + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dk * scale,
+                      mask=key_ok[:, None])
+        tl.atomic_add(DV + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dv,
+                      mask=key_ok[:, None])
+
+
+@triton.jit
+def dq_reduce_kernel(
+    PART_DQ, entry_of, DQ, row0, num_rows, topk, stride_qt, stride_qh,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+):
+    """dq[t, heads of g] = sum of the row's per-entry partials (fixed order: deterministic)."""
+    i = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.arange(0, G_PAD)
+    h_ok = h < G
+    d = tl.arange(0, D)
+    base = (g.to(tl.int64) * num_rows + i) * topk
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            row = e.to(tl.int64) * G + h
+            acc += tl.load(PART_DQ + row[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0)
+    t = (row0 + i).to(tl.int64)
+    heads = (g * G + h).to(tl.int64)
+    tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
+             acc.to(DQ.dtype.element_ty), mask=h_ok[:, None])

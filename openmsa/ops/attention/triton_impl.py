@@ -1,7 +1,7 @@
 """Launcher of the KV-outer sparse attention forward (kernels.py, schedule.py).
 
-Query rows are processed in chunks so that the partial outputs (one [G, D] float32
-tile per (row, group, selected block)) stay within ``OPENMSA_PARTIAL_BYTES``
+Query rows are processed in chunks so that the partial outputs (one [G, D] tile
+per (row, group, selected block)) stay within ``OPENMSA_PARTIAL_BYTES``
 (default 2 GiB) however long the sequence. Chunk sizes depend only on shapes, so
 the launcher never reads device values on the host.
 """
@@ -13,15 +13,20 @@ import os
 import torch
 import triton
 
-from ..common import compute_dtype
-from .kernels import LOG2E, combine_kernel, sparse_fwd_tile_kernel
-from .reference import attention_backward
+from .kernels import (
+    LOG2E, combine_kernel, dq_reduce_kernel, sparse_bwd_segment_kernel, sparse_fwd_tile_kernel,
+)
 from .schedule import build_schedule, row_info
 
 _PARTIAL_BYTES = int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
 # One MMA tile has max(128, G_PAD) rows: TOKENS query tokens x G_PAD heads. 128 rows
 # matches Hopper's wgmma M (2 x 64) and keeps the tile's registers in budget.
 _TILE_ROWS = 128
+# The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers:
+# 64-row tiles; a segment walks up to _SEGMENT_TILES tiles of one block so that dK, dV
+# are flushed (atomically) once per segment rather than once per tile.
+_BWD_TILE_ROWS = 64
+_SEGMENT_TILES = 16
 
 
 def _check_supported(q, block_size):
@@ -46,8 +51,11 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     if total_q == 0:
         return out, lse
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
-    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * d * 4)))
-    part_o = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=torch.float32, device=q.device)
+    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * (d * q.element_size() + 4))))
+    # Partials in the input dtype: bf16 halves the traffic of the write + combine read,
+    # which bounds the KV-outer forward (fp32 partials cap it near 200 TFLOP/s on an
+    # H100), at the precision the bf16 output has anyway.
+    part_o = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=q.dtype, device=q.device)
     part_lse = torch.empty((hkv * rows_per_chunk * topk * g,), dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32
     for row0 in range(0, total_q, rows_per_chunk):
@@ -71,9 +79,49 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     return out, lse
 
 
+def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block_size, scale):
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    g_pad = triton.next_power_of_2(g)
+    tokens = max(1, _BWD_TILE_ROWS // g_pad)
+    topk = topk_indices.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if total_q == 0:
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
+    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * d * 4)))
+    part_dq = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=torch.float32, device=q.device)
+    ieee = q.dtype == torch.float32
+    # delta = rowsum(dO * O), the softmax backward's correction term, per (row, head).
+    delta = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    for row0 in range(0, total_q, rows_per_chunk):
+        rows = min(rows_per_chunk, total_q - row0)
+        delta[row0:row0 + rows] = (do[row0:row0 + rows].float() * out[row0:row0 + rows].float()).sum(-1)
+        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
+                               tokens * _SEGMENT_TILES)
+        sparse_bwd_segment_kernel[(sched.num_tiles_bound,)](
+            q, k, v, do, lse, delta, part_dq, dk, dv,
+            sched.tile_group, sched.tile_start, sched.tile_end,
+            sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
+            info.num_blocks_bound, scale, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
+            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
+            num_warps=8, num_stages=1,
+        )
+        dq_reduce_kernel[(rows, hkv)](
+            part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
+            G=g, G_PAD=g_pad, D=d, num_warps=4,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 class SparseAttentionTriton(torch.autograd.Function):
-    """Forward through the KV-outer kernels. The backward kernels are not written yet:
-    until they land the backward runs the exact PyTorch reference (correct, slow)."""
+    """Forward and backward through the KV-outer kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, topk_indices, varlen, block_size, scale):
@@ -87,9 +135,8 @@ class SparseAttentionTriton(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, topk_indices, out, lse = ctx.saved_tensors
         varlen, block_size, scale = ctx.args
-        varlen = varlen.host()
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse.to(compute_dtype(q.dtype)), topk_indices,
-                                        varlen.cu_q, varlen.cu_k, block_size, scale)
+        dq, dk, dv = sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen,
+                                               block_size, scale)
         return dq, dk, dv, None, None, None, None
 
 
