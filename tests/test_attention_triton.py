@@ -143,7 +143,7 @@ def test_gpu_realistic_bf16(lens):
     assert rel(out, ref_out) <= 1e-2  # bf16 output and bf16 P in the PV product
     assert rel(lse, ref_lse) <= 1e-5
     if sum(lens) <= 8192:  # the reference backward is slow; one size suffices
-        dout = torch.randn(q.shape, generator=gen, device=DEV).to(q.dtype)
+        dout = torch.randn(q.shape, generator=gen).to(DEV, q.dtype)
         got = _grads(q, k, v, idx, cu_q, cu_k, 128, "triton", dout)
         want = _grads(q, k, v, idx, cu_q, cu_k, 128, "reference", dout)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):

@@ -1,10 +1,11 @@
 """Triton kernels of the sparse attention forward, KV-outer (spec section 5).
 
-``sparse_fwd_tile_kernel``: one program per tile of the schedule (schedule.py): one
-key block of one group, and up to TOKENS query rows that selected it, times the G
-query heads of the group = one MMA tile of TOKENS * G_PAD rows. It loads the key
-block once, computes the exact softmax of those rows over the block's visible keys
-and writes a normalised partial output and its LSE at the entries' CSR positions.
+``sparse_fwd_tile_kernel``: one program per segment of the schedule (schedule.py):
+one key block of one group and a run of the query rows that selected it, walked in
+tiles of TOKENS query tokens x the G_PAD heads of the group (one MMA tile). It loads
+the key block once, computes the exact softmax of each tile's rows over the block's
+visible keys and writes normalised partial outputs and their LSEs at the entries'
+CSR positions.
 
 ``combine_kernel``: one program per (query row, group) merges the row's <= K partials
 (flash-decoding style) into the output and the final LSE.
@@ -42,16 +43,7 @@ def sparse_fwd_tile_kernel(
         k_start = tl.load(seq_k_start + seq).to(tl.int64)
         len_k = tl.load(seq_len_k + seq)
 
-        r = tl.arange(0, TOKENS * G_PAD)
-        e = e0 + r // G_PAD
-        h = r % G_PAD
-        row_ok = (e < e1) & (h < G)
-        t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
-        pos = tl.load(row_pos + t, mask=row_ok, other=-1)
         d = tl.arange(0, D)
-        q = tl.load(Q + t[:, None] * stride_qt + (g * G + h)[:, None].to(tl.int64) * stride_qh
-                    + d[None, :], mask=row_ok[:, None], other=0.0)
-
         j = c * BLOCK + tl.arange(0, BLOCK)  # key positions within the sequence
         key_ok = j < len_k
         krow = k_start + j.to(tl.int64)
@@ -59,30 +51,38 @@ def sparse_fwd_tile_kernel(
                      mask=key_ok[:, None], other=0.0)
         vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
                      mask=key_ok[:, None], other=0.0)
-
-        if IEEE:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kt))
-        s = s * scale_log2
-        visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m = tl.max(s, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        if IEEE:
-            o = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            o = tl.dot(p.to(vt.dtype), vt)
-        l_safe = tl.where(l > 0, l, 1.0)
-        o = o / l_safe[:, None]
-        lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-
-        out_row = e.to(tl.int64) * G + h
-        tl.store(PART_O + out_row[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty),
-                 mask=row_ok[:, None])
-        tl.store(PART_LSE + out_row, lse, mask=row_ok)
+        r = tl.arange(0, TOKENS * G_PAD)
+        h = r % G_PAD
+        # The block stays in registers while the segment's query tiles stream past it.
+        for es in range(e0, e1, TOKENS):
+            e = es + r // G_PAD
+            row_ok = (e < e1) & (h < G)
+            t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
+            pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+            q = tl.load(Q + t[:, None] * stride_qt + (g * G + h)[:, None].to(tl.int64) * stride_qh
+                        + d[None, :], mask=row_ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kt))
+            s = s * scale_log2
+            visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m = tl.max(s, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            if IEEE:
+                o = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                o = tl.dot(p.to(vt.dtype), vt)
+            l_safe = tl.where(l > 0, l, 1.0)
+            o = o / l_safe[:, None]
+            lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            out_row = e.to(tl.int64) * G + h
+            tl.store(PART_O + out_row[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty),
+                     mask=row_ok[:, None])
+            tl.store(PART_LSE + out_row, lse, mask=row_ok)
 
 
 @triton.jit

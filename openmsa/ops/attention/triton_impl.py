@@ -18,7 +18,12 @@ from .kernels import (
 )
 from .schedule import build_schedule, row_info
 
-_PARTIAL_BYTES = int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
+def _partial_bytes() -> int:
+    return int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
+
+
+def _fwd_segment_tiles() -> int:
+    return int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 4))
 # One MMA tile has max(128, G_PAD) rows: TOKENS query tokens x G_PAD heads. 128 rows
 # matches Hopper's wgmma M (2 x 64) and keeps the tile's registers in budget.
 _TILE_ROWS = 128
@@ -51,7 +56,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     if total_q == 0:
         return out, lse
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
-    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * (d * q.element_size() + 4))))
+    rows_per_chunk = max(1, min(total_q, _partial_bytes() // (hkv * topk * g * (d * q.element_size() + 4))))
     # Partials in the input dtype: bf16 halves the traffic of the write + combine read,
     # which bounds the KV-outer forward (fp32 partials cap it near 200 TFLOP/s on an
     # H100), at the precision the bf16 output has anyway.
@@ -60,7 +65,8 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     ieee = q.dtype == torch.float32
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
-        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size, tokens)
+        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
+                               tokens * _fwd_segment_tiles())
         sparse_fwd_tile_kernel[(sched.num_tiles_bound,)](
             q, k, v, part_o, part_lse,
             sched.tile_group, sched.tile_start, sched.tile_end,
@@ -68,7 +74,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
             info.num_blocks_bound, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
-            num_warps=8 if tokens * g_pad >= 128 else 4, num_stages=1,
+            num_warps=8 if tokens * g_pad >= 128 else 4, num_stages=2,
         )
         combine_kernel[(rows, hkv)](
             part_o, part_lse, sched.entry_of, out, lse,
@@ -93,7 +99,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
-    rows_per_chunk = max(1, min(total_q, _PARTIAL_BYTES // (hkv * topk * g * d * 4)))
+    rows_per_chunk = max(1, min(total_q, _partial_bytes() // (hkv * topk * g * d * 4)))
     part_dq = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32
     # delta = rowsum(dO * O), the softmax backward's correction term, per (row, head).

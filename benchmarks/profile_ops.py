@@ -1,0 +1,67 @@
+"""Kernel-level time breakdown of openmsa's Triton ops on a GPU (torch.profiler),
+plus the compiled kernels' register/spill counts.
+
+    python benchmarks/profile_ops.py --context 131072
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import openmsa  # noqa: E402
+from openmsa.bench.cost_model import MSAConfig  # noqa: E402
+from openmsa.bench.gpu import random_topk  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--ops", default="fwd,bwd,indexer")
+    args = ap.parse_args()
+    cfg = MSAConfig()
+    n, dev = args.context, torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(n, 64, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    k = torch.randn(n, 4, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    v = torch.randn(n, 4, 128, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    qi = torch.randn(n, 4, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    ki = torch.randn(n, 1, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+    idx = random_topk(n, cfg, gen, dev)
+    do = torch.randn_like(q)
+    ops = args.ops.split(",")
+
+    def step():
+        if "indexer" in ops:
+            openmsa.indexer_topk(qi, ki, cu, cu)
+        if "fwd" in ops or "bwd" in ops:
+            out, _ = openmsa.sparse_attention(q, k, v, idx, cu, cu)
+            if "bwd" in ops:
+                out.backward(do)
+
+    step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    # Registers and spills of the Triton kernels compiled in this process.
+    from openmsa.ops.attention import kernels as ak
+    for name in dir(ak):
+        fn = getattr(ak, name)
+        cache = getattr(fn, "device_caches", None)
+        if cache is None:
+            continue
+        for dev_cache in cache.values():
+            for compiled in dev_cache[0].values():
+                print(f"{name}: regs {compiled.n_regs}, spills {compiled.n_spills}, "
+                      f"shared {compiled.metadata.shared} B, warps {compiled.metadata.num_warps}")
+
+
+if __name__ == "__main__":
+    main()
