@@ -50,17 +50,9 @@ def main():
         step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    # Registers and spills of the Triton kernels compiled in this process.
-    from openmsa.ops.attention import kernels as ak
-    for name in dir(ak):
-        fn = getattr(ak, name)
-        cache = getattr(fn, "device_caches", None)
-        if cache is None:
-            continue
-        for dev_cache in cache.values():
-            for compiled in dev_cache[0].values():
-                print(f"{name}: regs {compiled.n_regs}, spills {compiled.n_spills}, "
-                      f"shared {compiled.metadata.shared} B, warps {compiled.metadata.num_warps}")
+    from openmsa.bench.gpu import compiled_kernel_report
+    from openmsa.ops.attention import kernels as attention_kernels
+    print("\n".join(compiled_kernel_report(attention_kernels)))
 
 
 if __name__ == "__main__":

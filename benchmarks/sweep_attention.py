@@ -52,6 +52,9 @@ def main():
             r = bench(lambda i: fn, 1, runs=10)
             print(f"{n:8d} {label:60s} {r['median_ms']:9.3f} ms {useful / r['median_ms'] / 1e9:7.1f} TFLOP/s",
                   flush=True)
+    from openmsa.bench.gpu import compiled_kernel_report
+    from openmsa.ops.attention import kernels as attention_kernels
+    print("\n".join(compiled_kernel_report(attention_kernels)))
 
 
 if __name__ == "__main__":

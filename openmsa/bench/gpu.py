@@ -106,3 +106,19 @@ def flops(n: int, cfg: MSAConfig) -> dict:
         "dense_fwd": 4 * cfg.num_heads * cfg.head_dim * (n * (n + 1) // 2),
         "dense_bwd": 10 * cfg.num_heads * cfg.head_dim * (n * (n + 1) // 2),
     }
+
+
+def compiled_kernel_report(module) -> list[str]:
+    """Registers, spills and shared memory of every Triton kernel of ``module``
+    compiled in this process (one line per specialisation)."""
+    lines = []
+    for name in sorted(dir(module)):
+        cache = getattr(getattr(module, name), "device_caches", None)
+        if not cache:
+            continue
+        for dev_cache in cache.values():
+            for compiled in dev_cache[0].values():
+                md = compiled.metadata
+                lines.append(f"{name}: regs {compiled.n_regs}, spills {compiled.n_spills}, "
+                             f"shared {md.shared} B, warps {md.num_warps}, stages {md.num_stages}")
+    return lines

@@ -30,8 +30,16 @@ _TILE_ROWS = 128
 # The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers:
 # 64-row tiles; a segment walks up to _SEGMENT_TILES tiles of one block so that dK, dV
 # are flushed (atomically) once per segment rather than once per tile.
-_BWD_TILE_ROWS = 64
-_SEGMENT_TILES = 16
+def _bwd_knobs():
+    return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 16)),
+            int(os.environ.get("OPENMSA_BWD_WARPS", 8)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)))
+
+
+def _reduce_chunk(topk, g_pad, d):
+    """Head-dim chunk of the combine/reduce kernels: keep the [K, G, chunk] tile of
+    partials at <= 8K elements (64 per thread at 4 warps)."""
+    k_pad = triton.next_power_of_2(topk)
+    return max(1, min(d, 8192 // (k_pad * g_pad)))
 
 
 def _check_supported(q, block_size):
@@ -78,9 +86,10 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
         )
         combine_kernel[(rows, hkv)](
             part_o, part_lse, sched.entry_of, out, lse,
-            row0, rows, topk,
+            row0, rows,
             out.stride(0), out.stride(1), lse.stride(0),
-            G=g, G_PAD=g_pad, D=d, num_warps=4,
+            TOPK=topk, K_PAD=triton.next_power_of_2(topk), G=g, G_PAD=g_pad, D=d,
+            D_CHUNK=_reduce_chunk(topk, g_pad, d), num_warps=4,
         )
     return out, lse
 
@@ -90,7 +99,8 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     hkv = k.shape[1]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
-    tokens = max(1, _BWD_TILE_ROWS // g_pad)
+    tile_rows, segment_tiles, warps, stages = _bwd_knobs()
+    tokens = max(1, tile_rows // g_pad)
     topk = topk_indices.shape[2]
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -108,7 +118,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
         rows = min(rows_per_chunk, total_q - row0)
         delta[row0:row0 + rows] = (do[row0:row0 + rows].float() * out[row0:row0 + rows].float()).sum(-1)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
-                               tokens * _SEGMENT_TILES)
+                               tokens * segment_tiles)
         sparse_bwd_segment_kernel[(sched.num_tiles_bound,)](
             q, k, v, do, lse, delta, part_dq, dk, dv,
             sched.tile_group, sched.tile_start, sched.tile_end,
@@ -117,11 +127,12 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
             G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
-            num_warps=8, num_stages=1,
+            num_warps=warps, num_stages=stages,
         )
         dq_reduce_kernel[(rows, hkv)](
-            part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
-            G=g, G_PAD=g_pad, D=d, num_warps=4,
+            part_dq, sched.entry_of, dq, row0, rows, dq.stride(0), dq.stride(1),
+            TOPK=topk, K_PAD=triton.next_power_of_2(topk), G=g, G_PAD=g_pad, D=d,
+            D_CHUNK=_reduce_chunk(topk, g_pad, d), num_warps=4,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
