@@ -88,38 +88,43 @@ def sparse_fwd_tile_kernel(
 @triton.jit
 def combine_kernel(
     PART_O, PART_LSE, entry_of, OUT, LSE,
-    row0, num_rows,
+    row0, num_rows, topk,
     stride_ot, stride_oh, stride_lt,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, D_CHUNK: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
 ):
-    """out[t, heads of g] = sum_s w_s * partial_s with w_s = exp(lse_s - lse), lse the
-    logsumexp of the row's partial LSEs. All K partials are loaded at once as one
-    [K, G, D_CHUNK] tile (independent loads in flight, no per-slot dependency chain)."""
     i = tl.program_id(0)  # row within the chunk
     g = tl.program_id(1)
-    slot = tl.arange(0, K_PAD)
     h = tl.arange(0, G_PAD)
-    e = tl.load(entry_of + (g.to(tl.int64) * num_rows + i) * TOPK + slot, mask=slot < TOPK, other=-1)
-    ok = (e >= 0)[:, None] & (h < G)[None, :]
-    prow = e.to(tl.int64)[:, None] * G + h[None, :]  # [K_PAD, G_PAD]
-    lse_s = tl.load(PART_LSE + prow, mask=ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    h_ok = h < G
+    d = tl.arange(0, D)
+    base = (g.to(tl.int64) * num_rows + i) * topk
+    # Pass 1: running max and normaliser of the partial LSEs, per head.
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            lse_s = tl.load(PART_LSE + e.to(tl.int64) * G + h, mask=h_ok, other=float("-inf"))
+            m = tl.maximum(m, lse_s)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    wgt = tl.exp(lse_s - m_safe[None, :])  # 0 for missing slots
-    den = tl.sum(wgt, 0)
+    den = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            row = e.to(tl.int64) * G + h
+            lse_s = tl.load(PART_LSE + row, mask=h_ok, other=float("-inf"))
+            wgt = tl.exp(lse_s - m_safe)
+            den += wgt
+            acc += wgt[:, None] * tl.load(PART_O + row[:, None] * D + d[None, :],
+                                          mask=h_ok[:, None], other=0.0).to(tl.float32)
     den_safe = tl.where(den > 0, den, 1.0)
-    wgt = wgt / den_safe[None, :]
+    out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0
+    lse = tl.where(den > 0, m_safe + tl.log(den_safe), float("-inf"))
     t = (row0 + i).to(tl.int64)
     heads = (g * G + h).to(tl.int64)
-    for dc in tl.static_range(0, D, D_CHUNK):
-        d = dc + tl.arange(0, D_CHUNK)
-        po = tl.load(PART_O + prow[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-        out = tl.sum(wgt[:, :, None] * po.to(tl.float32), 0)  # empty token set: 0
-        tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=(h < G)[:, None])
-    lse = tl.where(den > 0, m_safe + tl.log(den_safe), float("-inf"))
-    tl.store(LSE + t * stride_lt + heads, lse, mask=h < G)
+    tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
 
 
 @triton.jit
@@ -202,22 +207,23 @@ def sparse_bwd_segment_kernel(
 
 @triton.jit
 def dq_reduce_kernel(
-    PART_DQ, entry_of, DQ, row0, num_rows, stride_qt, stride_qh,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    D: tl.constexpr, D_CHUNK: tl.constexpr,
+    PART_DQ, entry_of, DQ, row0, num_rows, topk, stride_qt, stride_qh,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
 ):
     """dq[t, heads of g] = sum of the row's per-entry partials (fixed order: deterministic)."""
     i = tl.program_id(0)
     g = tl.program_id(1)
-    slot = tl.arange(0, K_PAD)
     h = tl.arange(0, G_PAD)
-    e = tl.load(entry_of + (g.to(tl.int64) * num_rows + i) * TOPK + slot, mask=slot < TOPK, other=-1)
-    ok = (e >= 0)[:, None] & (h < G)[None, :]
-    prow = e.to(tl.int64)[:, None] * G + h[None, :]
+    h_ok = h < G
+    d = tl.arange(0, D)
+    base = (g.to(tl.int64) * num_rows + i) * topk
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s in range(topk):
+        e = tl.load(entry_of + base + s)
+        if e >= 0:
+            row = e.to(tl.int64) * G + h
+            acc += tl.load(PART_DQ + row[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0)
     t = (row0 + i).to(tl.int64)
     heads = (g * G + h).to(tl.int64)
-    for dc in tl.static_range(0, D, D_CHUNK):
-        d = dc + tl.arange(0, D_CHUNK)
-        part = tl.load(PART_DQ + prow[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-        tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                 tl.sum(part, 0).to(DQ.dtype.element_ty), mask=(h < G)[:, None])
+    tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
+             acc.to(DQ.dtype.element_ty), mask=h_ok[:, None])

@@ -23,7 +23,7 @@ def _partial_bytes() -> int:
 
 
 def _fwd_segment_tiles() -> int:
-    return int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 4))
+    return int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 16))
 # One MMA tile has max(128, G_PAD) rows: TOKENS query tokens x G_PAD heads. 128 rows
 # matches Hopper's wgmma M (2 x 64) and keeps the tile's registers in budget.
 _TILE_ROWS = 128
@@ -33,13 +33,6 @@ _TILE_ROWS = 128
 def _bwd_knobs():
     return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 16)),
             int(os.environ.get("OPENMSA_BWD_WARPS", 8)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)))
-
-
-def _reduce_chunk(topk, g_pad, d):
-    """Head-dim chunk of the combine/reduce kernels: keep the [K, G, chunk] tile of
-    partials at <= 8K elements (64 per thread at 4 warps)."""
-    k_pad = triton.next_power_of_2(topk)
-    return max(1, min(d, 8192 // (k_pad * g_pad)))
 
 
 def _check_supported(q, block_size):
@@ -86,10 +79,9 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
         )
         combine_kernel[(rows, hkv)](
             part_o, part_lse, sched.entry_of, out, lse,
-            row0, rows,
+            row0, rows, topk,
             out.stride(0), out.stride(1), lse.stride(0),
-            TOPK=topk, K_PAD=triton.next_power_of_2(topk), G=g, G_PAD=g_pad, D=d,
-            D_CHUNK=_reduce_chunk(topk, g_pad, d), num_warps=4,
+            G=g, G_PAD=g_pad, D=d, num_warps=4,
         )
     return out, lse
 
@@ -130,9 +122,8 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
             num_warps=warps, num_stages=stages,
         )
         dq_reduce_kernel[(rows, hkv)](
-            part_dq, sched.entry_of, dq, row0, rows, dq.stride(0), dq.stride(1),
-            TOPK=topk, K_PAD=triton.next_power_of_2(topk), G=g, G_PAD=g_pad, D=d,
-            D_CHUNK=_reduce_chunk(topk, g_pad, d), num_warps=4,
+            part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
+            G=g, G_PAD=g_pad, D=d, num_warps=4,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
