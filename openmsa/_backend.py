@@ -19,6 +19,7 @@ import torch
 # op name -> "module:function" of its Triton launcher. The launcher takes the packed,
 # validated arguments (see api.py) and returns what the public function returns.
 _TRITON_IMPLS = {
+    "indexer_topk": "openmsa.ops.indexer.triton_impl:indexer_topk_triton",
     "sparse_attention": "openmsa.ops.attention.triton_impl:sparse_attention_triton",
 }
 

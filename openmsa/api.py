@@ -225,6 +225,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     V.check_bool("deterministic", deterministic)
     V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
                    read_values=resolve("msa_attention", backend, q_p.device) == "reference")
+    if backend == "triton":  # fail before any work if a stage has no kernels yet
+        for op in ("indexer_topk", "sparse_attention", "indexer_kl_loss"):
+            triton_op(op)
     kw = dict(block_size=block_size, backend=backend)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic, **kw)

@@ -10,7 +10,15 @@ sequence. The program
 3. writes the row: the selected blocks (sorted by (score desc, id asc) when
    DETERMINISTIC), the local block l, then -1 padding;
 4. computes index_lse over the selected visible tokens by a second, short pass over the
-   union of the blocks selected by the tile's rows (the long pass stays exp-free).
+   union of the blocks selected by the tile's rows, walked in increasing id order (a
+   merge of the rows' lists): one tensor-core dot per union block, online logsumexp per
+   row over its own blocks. The long pass stays exp-free. The union holds between K
+   (rows that agree, the usual case for neighbouring queries) and BLOCK_M*(K-1)+2 blocks
+   (unrelated random rows).
+
+The block max propagates NaN (``NAN_MAX_REDUCE``: a max.NaN tl.reduce when compiled; the
+interpreter runs custom reductions per element in Python, so there it is tl.max plus a
+NaN count, with the same result).
 
 Exactness of the ranking
 ------------------------
@@ -46,10 +54,10 @@ import triton
 import triton.language as tl
 
 # key constants (see module docstring)
-_NAN_ORD = -0x7F800002  # ordered int32 of NaN: just below -inf (-0x7F800001)
-_PAD_BASE = -9223372036854775807  # -(2**63 - 1): padding keys PAD_BASE + slot
-_INT64_MAX = 9223372036854775807
-_BIG = 2147483647  # "no block" in the LSE pass
+_NAN_ORD = tl.constexpr(-0x7F800002)  # ordered int32 of NaN: just below -inf (-0x7F800001)
+_PAD_BASE = tl.constexpr(-9223372036854775807)  # -(2**63 - 1): padding keys PAD_BASE + slot
+_INT64_MAX = tl.constexpr(9223372036854775807)
+_BIG = tl.constexpr(2147483647)  # "no block" in the LSE pass
 
 
 @triton.jit
@@ -68,7 +76,7 @@ def _indexer_topk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - 1
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -126,12 +134,17 @@ def _indexer_topk_kernel(
             kk = (c * BLOCK_N + offs_n).to(tl.int64)
             k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
             z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
-            score = tl.reduce(z, 1, _max_nan) * scale  # == max of (z * scale), exactly
+            if NAN_MAX_REDUCE:  # compiled: one max.NaN reduction
+                bmax = tl.reduce(z, 1, _max_nan)
+            else:  # interpreter: a custom combine_fn runs per element in Python; use numpy's
+                bmax = tl.max(z, axis=1)
+                bmax = tl.where(tl.sum((z != z).to(tl.int32), axis=1) > 0, float("nan"), bmax)
+            score = bmax * scale  # == max of (z * scale), exactly (rounding is monotone)
             score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
             u = score.to(tl.int32, bitcast=True)
             o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
             o = tl.where(score != score, _NAN_ORD, o)
-            cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c).to(tl.int64)
+            cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
             ins = (c < local) & (cand > kmin)
             keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
             kmin = tl.min(keys, axis=1)
@@ -182,5 +195,5 @@ def _indexer_topk_kernel(
         else:
             nxt_row = tl.where(local_ok > nxt, local_ok, _BIG)
         nxt = tl.min(nxt_row, axis=0)
-    lse = (m_i + tl.log2(l_i)) * LN2
+    lse = (m_i + tl.log2(tl.where(row_ok, l_i, 1.0))) * LN2
     tl.store(lse_ptr + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
