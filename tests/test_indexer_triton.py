@@ -253,3 +253,13 @@ def test_gpu_cuda_graph_capture():
                                             backend="reference")
     assert torch.equal(idx, ref_idx)
     assert rel(lse, ref_lse) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["kv_outer", "union"])
+def test_index_lse_modes_match_reference(mode, monkeypatch):
+    """Both ways of computing the selected LSE (openmsa/ops/indexer/lse.py and the
+    in-kernel union walk) give the reference's index_lse on a varlen pack."""
+    monkeypatch.setenv("OPENMSA_INDEX_LSE", mode)
+    gen = gen_for("lse-" + mode)
+    qi, ki, cu_q, cu_k = make_inputs([(90, 300), (1, 64), (70, 70)], 2, 64, torch.float32, gen)
+    check(qi, ki, cu_q, cu_k, block_size=64, topk=3)

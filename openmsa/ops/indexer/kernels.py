@@ -76,7 +76,7 @@ def _indexer_topk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - 1
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -165,35 +165,36 @@ def _indexer_topk_kernel(
     tl.store(idx_ptr + out_rows[:, None] + ocol[None, :], tail.to(tl.int32),
              mask=row_ok[:, None] & (ocol[None, :] >= n_sel[:, None]) & (ocol[None, :] < TOPK))
 
-    # ---------------------------------------------------------------- LSE pass
-    # Walk the union of the tile's selected blocks in increasing id order (a merge of the
-    # rows' lists); each row accumulates an online logsumexp (base 2) over the visible
-    # tokens of its own blocks.
-    local_ok = tl.where(row_ok, local, _BIG)
-    if NSEL > 0:
-        nxt_row = tl.minimum(tl.min(sel, axis=1), local_ok)
-    else:
-        nxt_row = local_ok
-    nxt = tl.min(nxt_row, axis=0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    while nxt < _BIG:
-        kk = nxt * BLOCK_N + offs_n
-        k_blk = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
-                        mask=(kk < seq_k)[:, None], other=0.0)
-        z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION) * scale
-        vis = (nxt_row == nxt)[:, None] & (kk[None, :] <= pos[:, None])
-        z = tl.where(vis, z * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
-        m_i = m_new
-        # next block of every row after nxt
+    if COMPUTE_LSE:
+        # ---------------------------------------------------------------- LSE pass
+        # Walk the union of the tile's selected blocks in increasing id order (a merge of the
+        # rows' lists); each row accumulates an online logsumexp (base 2) over the visible
+        # tokens of its own blocks.
+        local_ok = tl.where(row_ok, local, _BIG)
         if NSEL > 0:
-            nxt_row = tl.minimum(tl.min(tl.where(sel > nxt, sel, _BIG), axis=1),
-                                 tl.where(local_ok > nxt, local_ok, _BIG))
+            nxt_row = tl.minimum(tl.min(sel, axis=1), local_ok)
         else:
-            nxt_row = tl.where(local_ok > nxt, local_ok, _BIG)
+            nxt_row = local_ok
         nxt = tl.min(nxt_row, axis=0)
-    lse = (m_i + tl.log2(tl.where(row_ok, l_i, 1.0))) * LN2
-    tl.store(lse_ptr + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        while nxt < _BIG:
+            kk = nxt * BLOCK_N + offs_n
+            k_blk = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
+                            mask=(kk < seq_k)[:, None], other=0.0)
+            z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION) * scale
+            vis = (nxt_row == nxt)[:, None] & (kk[None, :] <= pos[:, None])
+            z = tl.where(vis, z * LOG2E, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
+            m_i = m_new
+            # next block of every row after nxt
+            if NSEL > 0:
+                nxt_row = tl.minimum(tl.min(tl.where(sel > nxt, sel, _BIG), axis=1),
+                                     tl.where(local_ok > nxt, local_ok, _BIG))
+            else:
+                nxt_row = tl.where(local_ok > nxt, local_ok, _BIG)
+            nxt = tl.min(nxt_row, axis=0)
+        lse = (m_i + tl.log2(tl.where(row_ok, l_i, 1.0))) * LN2
+        tl.store(lse_ptr + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from .kernels import _indexer_topk_kernel
+from .lse import index_lse_kv_outer
 
 # Block max: a NaN-propagating tl.reduce (one max.NaN per element) when compiled; under
 # the interpreter, whose custom-combine reductions run per element in Python, tl.max plus
@@ -57,6 +58,18 @@ def config(di: int, dtype: torch.dtype, topk: int):
     return block_m, num_warps, num_stages
 
 
+def index_lse_mode() -> str:
+    """How the selected LSE is computed: "kv_outer" (lse.py: exactly the selected
+    (row, block) pairs, independent of how the rows' selections overlap) or "union"
+    (inside the indexer kernel: each query tile walks the union of its rows' blocks;
+    cheap when neighbouring queries select alike, a second pass over most of the
+    context when they do not)."""
+    mode = os.environ.get("OPENMSA_INDEX_LSE", "kv_outer")
+    if mode not in ("kv_outer", "union"):
+        raise ValueError(f"OPENMSA_INDEX_LSE must be 'kv_outer' or 'union', got {mode!r}")
+    return mode
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -95,6 +108,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         ki = ki.contiguous()
 
     block_m, num_warps, num_stages = config(di, qi.dtype, topk)
+    lse_mode = index_lse_mode()
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
@@ -112,6 +126,9 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         SEARCH_ITERS=num_seqs.bit_length(), DETERMINISTIC=deterministic,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
+        COMPUTE_LSE=lse_mode == "union",
         num_warps=num_warps, num_stages=num_stages,
     )
+    if lse_mode == "kv_outer":
+        index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size, scale=scale)
     return topk_indices, index_lse
