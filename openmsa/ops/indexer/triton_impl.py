@@ -64,10 +64,23 @@ def index_lse_mode() -> str:
     (inside the indexer kernel: each query tile walks the union of its rows' blocks;
     cheap when neighbouring queries select alike, a second pass over most of the
     context when they do not)."""
-    mode = os.environ.get("OPENMSA_INDEX_LSE", "kv_outer")
-    if mode not in ("kv_outer", "union"):
-        raise ValueError(f"OPENMSA_INDEX_LSE must be 'kv_outer' or 'union', got {mode!r}")
+    mode = os.environ.get("OPENMSA_INDEX_LSE", "auto")
+    if mode not in ("auto", "kv_outer", "union"):
+        raise ValueError(f"OPENMSA_INDEX_LSE must be 'auto', 'kv_outer' or 'union', got {mode!r}")
     return mode
+
+
+# "auto": the KV-outer LSE pays a fixed ~1 ms for its schedule (H100, torch ops) and wins
+# from 32K keys per sequence on (H100, bf16, random and correlated queries:
+# benchmarks/results/h100/indexer_lse_modes.log: 8K 1.66 vs 0.50 ms, 32K 3.09 vs 3.78 ms,
+# 128K 24.2 vs 51.5 ms, 1M 1295 vs 2251 ms).
+_KV_OUTER_MIN_MEAN_KEYS = 16384
+
+
+def resolve_lse_mode(mode: str, total_k: int, num_seqs: int) -> str:
+    if mode != "auto":
+        return mode
+    return "kv_outer" if total_k > _KV_OUTER_MIN_MEAN_KEYS * max(num_seqs, 1) else "union"
 
 
 def _interpreting() -> bool:
@@ -108,7 +121,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         ki = ki.contiguous()
 
     block_m, num_warps, num_stages = config(di, qi.dtype, topk)
-    lse_mode = index_lse_mode()
+    lse_mode = resolve_lse_mode(index_lse_mode(), ki.shape[0], varlen.num_seqs)
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
