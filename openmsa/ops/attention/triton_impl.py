@@ -22,11 +22,13 @@ def _partial_bytes() -> int:
     return int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
 
 
-def _fwd_segment_tiles() -> int:
-    return int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 16))
-# One MMA tile has max(128, G_PAD) rows: TOKENS query tokens x G_PAD heads. 128 rows
-# matches Hopper's wgmma M (2 x 64) and keeps the tile's registers in budget.
-_TILE_ROWS = 128
+def _fwd_knobs():
+    """(tile rows, segment tiles, warps, stages) of the forward tile kernel."""
+    return (int(os.environ.get("OPENMSA_FWD_TILE_ROWS", 128)),
+            int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 16)),
+            int(os.environ.get("OPENMSA_FWD_WARPS", 8)), int(os.environ.get("OPENMSA_FWD_STAGES", 2)))
+# One MMA tile has max(rows, G_PAD) rows: TOKENS query tokens x G_PAD heads (rows = 128
+# by default: Hopper's wgmma M is 64 per warpgroup, two warpgroups).
 # The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers:
 # 64-row tiles; a segment walks up to _SEGMENT_TILES tiles of one block so that dK, dV
 # are flushed (atomically) once per segment rather than once per tile.
@@ -50,7 +52,8 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     hkv = k.shape[1]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
-    tokens = max(1, _TILE_ROWS // g_pad)
+    tile_rows, segment_tiles, warps, stages = _fwd_knobs()
+    tokens = max(1, tile_rows // g_pad)
     topk = topk_indices.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
@@ -67,7 +70,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
-                               tokens * _fwd_segment_tiles())
+                               tokens * segment_tiles)
         sparse_fwd_tile_kernel[(sched.num_tiles_bound,)](
             q, k, v, part_o, part_lse,
             sched.tile_group, sched.tile_start, sched.tile_end,
@@ -75,7 +78,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
             info.num_blocks_bound, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
-            num_warps=8 if tokens * g_pad >= 128 else 4, num_stages=2,
+            num_warps=warps, num_stages=stages,
         )
         combine_kernel[(rows, hkv)](
             part_o, part_lse, sched.entry_of, out, lse,
