@@ -1,0 +1,220 @@
+"""Launcher of the Triton sparse KL loss (spec section 6; kernels.py).
+
+Forward = ONE fused pass over the KV-outer schedule of the sparse attention
+(``openmsa.ops.attention.schedule``) that computes the loss and, when qi or ki needs a
+gradient, d loss / d qi and d ki at the same time (like a fused cross-entropy). The
+gradients are stored (float32) and the backward only multiplies them by grad_output.
+
+Missing LSEs are recomputed first:
+
+* ``lse`` (teacher normaliser) by the Triton sparse attention forward
+  (``sparse_attention_forward(q, k, k, ...)``: its output is computed and thrown away;
+  a waste of the PV product, fine for a fallback path);
+* ``index_lse`` by ``kl_index_lse_kernel``, a short first pass over the same schedule
+  (per-entry logsumexp of the index scores), merged per (row, group) with a torch
+  logsumexp over the row's <= K entries. The Triton indexer's LSE is not reused: it is
+  computed inside the top-k kernel for the indices it selects itself, not for given ones.
+
+Query rows are processed in chunks (at most 65536 rows) so that the per-entry partials
+(a [Di] float32 dqi partial and two floats per (row, group, slot)) stay within
+``OPENMSA_PARTIAL_BYTES`` (default 2 GiB). Chunk sizes depend only on shapes: the
+launcher never reads device values on the host (no synchronisation), except for
+``topk_indices=None`` (below).
+
+Memory kept for the backward: dqi float32 [total_q, Hkv, Di] and dki float32
+[total_k, Di] (2.5 GB at 1M tokens with Hkv = 4, Di = 128); none when neither qi nor ki
+requires a gradient (the kernel then skips the gradient work: WITH_GRAD=False).
+
+Determinism: the loss (per-entry KL values summed by torch) and dqi (per-row reduce in
+slot order) are deterministic; dki is accumulated with float32 atomics across the
+segments of a key block (and across groups, which share ki), like dK/dV of the
+attention backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..attention.schedule import build_schedule, row_info
+from ..attention.triton_impl import sparse_attention_forward
+from .kernels import LOG2E, dqi_reduce_kernel, kl_fused_kernel, kl_index_lse_kernel
+from .reference import indexer_kl_reference
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+MAX_TOPK = 64
+# Also bounds the schedule's temporaries (build_schedule: a few int64 per (group, row,
+# slot) and a [Hkv, rows, K, K] duplicate mask) when the partials are small (no grad).
+_MAX_ROWS_PER_CHUNK = 1 << 16
+
+
+def _partial_bytes() -> int:
+    return int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
+
+
+def _knobs(g_pad: int, dtype: torch.dtype):
+    """(tile rows = TOKENS x G_PAD, tiles per segment, num_warps, num_stages).
+
+    A tile holds S/P [rows, B] in float32 plus the token-level tiles P_T, z, P_S, dz
+    [TOKENS, B] and the qi/dqi tiles [max(TOKENS, 16), Di], besides dki [B, Di] float32
+    (the segment's accumulator). Default rows per G_PAD, from compiling for sm_90 with
+    Triton 3.6 (bf16, B = 128, D = Di = 128, 8 warps, 1 stage; registers per thread,
+    no spills unless said): G_PAD >= 16: 128 rows (G = 16: 208 registers, 128 KB shared
+    memory; G = 64: 8 bytes of spill); G_PAD = 8: 64 rows (240); G_PAD <= 4: 32 rows
+    (G = 1: 201, G = 4: 208). More rows at small G spill (G = 1, 64 rows: 520 bytes).
+    float32 (ieee dots on CUDA cores; not a production dtype) spills at any useful tile:
+    small tiles. A segment walks up to 16 tiles of one key block, so dki is flushed
+    (atomically) once per segment. Every knob can be overridden from the environment.
+    """
+    if dtype == torch.float32:
+        rows = max(32, g_pad)
+    else:
+        rows = 128 if g_pad >= 16 else 64 if g_pad == 8 else 32
+    return (int(os.environ.get("OPENMSA_KL_TILE_ROWS", rows)),
+            int(os.environ.get("OPENMSA_KL_SEGMENT_TILES", 16)),
+            int(os.environ.get("OPENMSA_KL_WARPS", 8)),
+            int(os.environ.get("OPENMSA_KL_STAGES", 1)))
+
+
+def _check_supported(q, qi, topk_indices, block_size):
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: the Triton indexer KL loss supports {SUPPORTED_BLOCK_SIZES}, "
+                         f"got {block_size} (use backend='reference')")
+    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: the Triton indexer KL loss supports head_dim in {SUPPORTED_HEAD_DIMS}, "
+                         f"got {q.shape[2]} (use backend='reference')")
+    if qi.shape[2] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"qi: the Triton indexer KL loss supports index_head_dim in "
+                         f"{SUPPORTED_HEAD_DIMS}, got {qi.shape[2]} (use backend='reference')")
+    for name, x in (("q", q), ("qi", qi)):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name}: the Triton indexer KL loss supports bfloat16, float16 and "
+                            f"float32, got {x.dtype} (use backend='reference')")
+    if not 1 <= topk_indices.shape[2] <= MAX_TOPK:
+        raise ValueError(f"topk_indices: the Triton indexer KL loss supports topk in "
+                         f"[1, {MAX_TOPK}], got {topk_indices.shape[2]} (use backend='reference')")
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,
+                       lse, index_lse, with_grad):
+    """Returns (loss float32 0-d, dqi float32 [total_q, Hkv, Di] or None,
+    dki float32 [total_k, Di] or None); the gradients are d loss / d qi, ki."""
+    total_q, hq, d = q.shape
+    total_k, hkv = k.shape[0], k.shape[1]
+    di = qi.shape[2]
+    g = hq // hkv
+    g_pad = triton.next_power_of_2(g)
+    tile_rows, segment_tiles, warps, stages = _knobs(g_pad, q.dtype)
+    # tl.dot needs M >= 16: at least 16 main rows (TOKENS x G_PAD), and the qi tile
+    # [TM, Di] is padded to 16 rows when TOKENS < 16.
+    tokens = max(1, tile_rows // g_pad, triton.cdiv(16, g_pad))
+    tm = max(16, tokens)
+    topk = topk_indices.shape[2]
+    dev = q.device
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    # every row of dqi is written by dqi_reduce_kernel (0 where the row has no entry)
+    dqi = torch.empty((total_q, hkv, di), dtype=torch.float32, device=dev) if with_grad else None
+    dki = torch.zeros((total_k, di), dtype=torch.float32, device=dev) if with_grad else None
+    if total_q == 0:
+        return total, dqi, dki
+    norm = coeff / (hkv * total_q)
+
+    if lse is None:
+        _, lse = sparse_attention_forward(q, k, k, topk_indices, varlen, block_size, scale)
+    recompute_ilse = index_lse is None
+    if recompute_ilse:
+        index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=dev)
+
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
+    per_row = hkv * topk * ((di * 4 if with_grad else 0) + 8)
+    rows_per_chunk = max(1, min(total_q, _MAX_ROWS_PER_CHUNK, _partial_bytes() // per_row))
+    n_part = hkv * rows_per_chunk * topk
+    part_kl = torch.empty((n_part,), dtype=torch.float32, device=dev)
+    part_ilse = torch.empty((n_part,), dtype=torch.float32, device=dev) if recompute_ilse else None
+    part_dqi = torch.empty((n_part, di), dtype=torch.float32, device=dev) if with_grad else None
+    dummy = torch.empty((1,), dtype=torch.float32, device=dev)
+    ieee_q, ieee_i = q.dtype == torch.float32, qi.dtype == torch.float32
+    common = dict(TOKENS=tokens, TM=tm, BLOCK=block_size, DI=di)
+    for row0 in range(0, total_q, rows_per_chunk):
+        rows = min(rows_per_chunk, total_q - row0)
+        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
+                               tokens * segment_tiles)
+        grid = (sched.num_tiles_bound,)
+        sched_args = (sched.tile_group, sched.tile_start, sched.tile_end, sched.entry_row,
+                      info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
+                      info.num_blocks_bound)
+        n_ent = hkv * rows * topk  # CSR positions of this chunk; invalid entries sort last
+        if recompute_ilse:
+            kl_index_lse_kernel[grid](
+                qi, ki, part_ilse, *sched_args, scale_i * LOG2E,
+                qi.stride(0), qi.stride(1), ki.stride(0),
+                IEEE=ieee_i, num_warps=4, num_stages=1, **common)
+            eo = sched.entry_of.long()
+            ent = part_ilse[eo.clamp_min(0)]
+            ent = torch.where(eo >= 0, ent, float("-inf"))
+            index_lse[:, row0:row0 + rows] = torch.logsumexp(ent, dim=-1)
+        part_kl[:n_ent].zero_()  # positions of invalid entries are never written
+        kl_fused_kernel[grid](
+            q, k, qi, ki, lse, index_lse, part_kl,
+            part_dqi if with_grad else dummy, dki if with_grad else dummy,
+            *sched_args, scale * LOG2E, scale_i * LOG2E, norm * scale_i,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1),
+            ki.stride(0), lse.stride(0), lse.stride(1), index_lse.stride(0), index_lse.stride(1),
+            dki.stride(0) if with_grad else 0,
+            G=g, G_PAD=g_pad, D=d, IEEE_Q=ieee_q, IEEE_I=ieee_i, WITH_GRAD=with_grad,
+            num_warps=warps, num_stages=stages, **common)
+        total += part_kl[:n_ent].sum()
+        if with_grad:
+            reduce_rows = 16
+            dqi_reduce_kernel[(triton.cdiv(rows, reduce_rows), hkv)](
+                part_dqi, sched.entry_of, dqi, row0, rows, topk, dqi.stride(0), dqi.stride(1),
+                DI=di, ROWS=reduce_rows, num_warps=4)
+    return total * norm, dqi, dki
+
+
+class IndexerKLTriton(torch.autograd.Function):
+    """Forward computes the loss and the gradients in one pass; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,
+                lse, index_lse):
+        with_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        loss, dqi, dki = indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale,
+                                            scale_i, coeff, lse, index_lse, with_grad)
+        if with_grad:
+            ctx.save_for_backward(dqi, dki)
+        ctx.shapes = (qi.dtype, ki.dtype, ki.shape)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dqi, dki = ctx.saved_tensors
+        qi_dtype, ki_dtype, ki_shape = ctx.shapes
+        dqi = (dqi * grad).to(qi_dtype) if ctx.needs_input_grad[2] else None
+        dki = (dki * grad).to(ki_dtype).view(ki_shape) if ctx.needs_input_grad[3] else None
+        return (None, None, dqi, dki) + (None,) * 8
+
+
+def indexer_kl_loss_triton(q, k, qi, ki, topk_indices, varlen, *, block_size, scale, scale_i,
+                           coeff, lse, index_lse):
+    """Sparse KL of spec section 6: float32 0-d loss, differentiable w.r.t. qi and ki only."""
+    if topk_indices is None:
+        # Dense warmup KL (T = all visible tokens): no Triton kernel; the PyTorch reference
+        # runs instead. It needs the sequence lengths on the host (varlen.host()), i.e. a
+        # device->host synchronisation on CUDA.
+        varlen = varlen.host()
+        return indexer_kl_reference(q, k, qi, ki, None, varlen.cu_q, varlen.cu_k,
+                                    block_size=block_size, scale=scale, scale_i=scale_i,
+                                    coeff=coeff, lse=lse, index_lse=index_lse)
+    _check_supported(q, qi, topk_indices, block_size)
+    q, k, qi, ki = (_last_dim_contiguous(x.detach() if i < 2 else x)
+                    for i, x in enumerate((q, k, qi, ki)))
+    return IndexerKLTriton.apply(q, k, qi, ki, topk_indices.contiguous(), varlen, block_size,
+                                 scale, scale_i, coeff, lse, index_lse)

@@ -1,0 +1,234 @@
+"""Triton sparse KL loss (spec section 6) against the PyTorch reference.
+
+On a CPU the kernels run under Triton's interpreter (tiny shapes, float16/float32: the
+interpreter's bfloat16 dot is wrong). With a GPU, the `gpu` tests run the realistic
+configuration (bf16, Hq=64, Hkv=4, D=Di=128, B=128, K=16, 8K tokens and a varlen pack).
+
+Tolerances. float32: everything is float32 math on both sides (exact "ieee" dots), so
+the loss and the gradients agree to rounding (<= 1e-5). float16: the scores are fp16
+products accumulated in float32 on both sides, so the loss is as exact as in float32;
+the kernel rounds dz = P_S - P_T to fp16 (2**-11 relative) for the two gradient MMAs
+(dqi = dz @ ki, dki = dz^T @ qi), so the gradients differ by ~1e-3 relative: <= 5e-3.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import openmsa  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def cu(lens, device=DEV):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+
+
+def make(lens_q, lens_k, hq, hkv, d, di, dtype, gen, device=DEV):
+    tq, tk = sum(lens_q), sum(lens_k)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+
+    return (rnd(tq, hq, d), rnd(tk, hkv, d), rnd(tq, hkv, di), rnd(tk, 1, di),
+            cu(lens_q, device), cu(lens_k, device))
+
+
+def kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, backend, **kw):
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    a, b = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    loss = openmsa.indexer_kl_loss(qq, kk, a, b, idx, cu_q, cu_k, backend=backend, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss.backward()
+    assert qq.grad is None and kk.grad is None  # q, k never get a gradient from the KL
+    return loss.detach(), a.grad, b.grad
+
+
+def check(q, k, qi, ki, idx, cu_q, cu_k, tol_loss, tol_grad, **kw):
+    got = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "triton", **kw)
+    want = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "reference", **kw)
+    assert rel(got[0], want[0]) <= tol_loss, (got[0].item(), want[0].item())
+    assert rel(got[1], want[1]) <= tol_grad, "dqi"
+    assert rel(got[2], want[2]) <= tol_grad, "dki"
+    return got
+
+
+CPU_CASES = [
+    # lens_q, lens_k, hq, hkv, d, di, block, topk, dtype
+    ([70], [70], 4, 4, 32, 32, 16, 2, torch.float32),  # G = 1
+    ([40, 1, 0, 33], [90, 16, 5, 33], 4, 2, 32, 32, 16, 3, torch.float32),  # varlen, Lq<Lk, Lq=0, short
+    ([64], [128], 8, 2, 32, 32, 16, 16, torch.float16),  # G = 4, K >= number of blocks
+    ([50], [80], 16, 1, 32, 64, 16, 2, torch.float32),  # G = 16, Di != D
+    ([20, 30], [64, 30], 16, 4, 32, 32, 32, 3, torch.float16),  # G = 4, block 32
+    ([30, 7], [50, 20], 6, 2, 32, 32, 16, 1, torch.float32),  # G = 3 (padded heads), K = 1
+    ([17, 40], [33, 40], 32, 2, 32, 32, 16, 4, torch.float16),  # G = 16, fp16
+]
+
+
+def _tols(dtype):
+    return (1e-5, 1e-5) if dtype == torch.float32 else (1e-5, 5e-3)
+
+
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+def test_matches_reference_recomputed_lse(case):
+    lens_q, lens_k, hq, hkv, d, di, block, topk, dtype = CPU_CASES[case]
+    gen = torch.Generator().manual_seed(100 + case)
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, di, dtype, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=topk, backend="reference")
+    check(q, k, qi, ki, idx, cu_q, cu_k, *_tols(dtype), block_size=block, coeff=1.0 + 0.25 * case)
+
+
+@pytest.mark.parametrize("case", [1, 2, 3])
+def test_matches_reference_passed_lse(case):
+    """lse / index_lse from sparse_attention / indexer_topk: same loss as recomputing them."""
+    lens_q, lens_k, hq, hkv, d, di, block, topk, dtype = CPU_CASES[case]
+    gen = torch.Generator().manual_seed(300 + case)
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, di, dtype, gen)
+    idx, index_lse = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=topk,
+                                          backend="reference")
+    _, lse = openmsa.sparse_attention(q, k, k, idx, cu_q, cu_k, block_size=block, backend="reference")
+    got = check(q, k, qi, ki, idx, cu_q, cu_k, *_tols(dtype), block_size=block, coeff=0.5,
+                lse=lse, index_lse=index_lse)
+    again = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "triton", block_size=block, coeff=0.5)
+    tol_loss, tol_grad = _tols(dtype)
+    assert rel(got[0], again[0]) <= tol_loss
+    assert rel(got[1], again[1]) <= tol_grad and rel(got[2], again[2]) <= tol_grad
+
+
+def test_passed_lse_values_are_used():
+    """Perturbed lse / index_lse: the kernel must use the given values, like the reference."""
+    gen = torch.Generator().manual_seed(5)
+    lens_q, lens_k, block = [30, 12], [45, 12], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    idx, index_lse = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2,
+                                          backend="reference")
+    _, lse = openmsa.sparse_attention(q, k, k, idx, cu_q, cu_k, block_size=block, backend="reference")
+    lse = lse + 0.3 * torch.rand(lse.shape, generator=gen)
+    index_lse = (index_lse - 0.2 * torch.rand(index_lse.shape, generator=gen)).t().contiguous().t()
+    check(q, k, qi, ki, idx, cu_q, cu_k, 1e-5, 1e-5, block_size=block, lse=lse, index_lse=index_lse)
+
+
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_hand_made_indices(pass_lse):
+    """-1 padding, duplicates, future and out-of-range ids, and an all -1 row (empty T:
+    contributes 0, no NaN, zero gradient)."""
+    gen = torch.Generator().manual_seed(7)
+    lens_q, lens_k, block = [24, 9], [60, 40], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    idx = torch.randint(-1, 5, (2, sum(lens_q), 4), generator=gen, dtype=torch.int32)
+    idx[:, 3] = -1  # empty token set in both groups
+    idx[1, 4] = torch.tensor([2, 2, 2, 0], dtype=torch.int32)  # duplicates count once
+    idx[0, 5] = torch.tensor([3, 9, 100, -1], dtype=torch.int32)  # future / out-of-range blocks
+    kw = dict(block_size=block, coeff=2.0)
+    if pass_lse:
+        _, kw["lse"] = openmsa.sparse_attention(q, k, k, idx, cu_q, cu_k, block_size=block,
+                                                backend="reference")
+        assert (kw["lse"][3] == float("-inf")).all()
+    got = check(q, k, qi, ki, idx, cu_q, cu_k, 1e-5, 1e-5, **kw)
+    assert torch.isfinite(got[0])
+    assert torch.equal(got[1][3], torch.zeros_like(got[1][3]))
+
+
+def test_small_tiles_segments_and_row_chunks(monkeypatch):
+    """One token per tile (TOKENS=1 < 16: the qi tile is padded 16x), one tile per segment
+    (a hot block is split over many programs whose dki meet in the atomics) and query rows
+    in chunks of a few rows (tiny partial budget)."""
+    monkeypatch.setenv("OPENMSA_KL_TILE_ROWS", "16")
+    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "1")
+    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", "4096")
+    gen = torch.Generator().manual_seed(6)
+    lens_q, lens_k, block = [20, 9], [40, 9], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 32, 2, 32, 32, torch.float32, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2, backend="reference")
+    check(q, k, qi, ki, idx, cu_q, cu_k, 1e-5, 1e-5, block_size=block)
+
+
+def test_all_empty_gives_zero_loss():
+    gen = torch.Generator().manual_seed(8)
+    q, k, qi, ki, cu_q, cu_k = make([10], [20], 4, 2, 32, 32, torch.float32, gen)
+    idx = torch.full((2, 10, 3), -1, dtype=torch.int32)
+    loss, dqi, dki = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "triton", block_size=16)
+    assert loss.item() == 0.0
+    assert not dqi.any() and not dki.any()
+
+
+def test_no_grad_and_partial_grad():
+    """Without any gradient needed the kernel skips the gradient work; same loss. With
+    only ki requiring a gradient, qi gets none."""
+    gen = torch.Generator().manual_seed(9)
+    lens_q, lens_k, block = [40, 25], [70, 25], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=3, backend="reference")
+    want = openmsa.indexer_kl_loss(q, k, qi, ki, idx, cu_q, cu_k, block_size=block, backend="reference")
+    got = openmsa.indexer_kl_loss(q, k, qi, ki, idx, cu_q, cu_k, block_size=block, backend="triton")
+    assert not got.requires_grad and rel(got, want) <= 1e-5
+    b = ki.clone().requires_grad_()
+    loss = openmsa.indexer_kl_loss(q, k, qi, b, idx, cu_q, cu_k, block_size=block, backend="triton")
+    loss.backward(torch.tensor(3.0))
+    b_ref = ki.clone().requires_grad_()
+    ref = openmsa.indexer_kl_loss(q, k, qi, b_ref, idx, cu_q, cu_k, block_size=block,
+                                  backend="reference")
+    ref.backward(torch.tensor(3.0))
+    assert rel(b.grad, b_ref.grad) <= 1e-5
+
+
+def test_dense_indices_none_uses_reference():
+    gen = torch.Generator().manual_seed(10)
+    q, k, qi, ki, cu_q, cu_k = make([20, 5], [30, 5], 4, 2, 32, 32, torch.float32, gen)
+    check(q, k, qi, ki, None, cu_q, cu_k, 1e-6, 1e-6, block_size=16)
+
+
+def test_batched_layout():
+    gen = torch.Generator().manual_seed(11)
+    q, k, qi, ki, cu_q, cu_k = make([2 * 24], [2 * 40], 4, 2, 32, 32, torch.float32, gen)
+    q, qi = q.view(2, 24, 4, 32), qi.view(2, 24, 2, 32)
+    k, ki = k.view(2, 40, 2, 32), ki.view(2, 40, 1, 32)
+    idx, _ = openmsa.indexer_topk(qi, ki, block_size=16, topk=2, backend="reference")
+    check(q, k, qi, ki, idx, None, None, 1e-5, 1e-5, block_size=16)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(block_size=24), "block_size"), (dict(di=48), "qi"),
+                                     (dict(d=48), "q"), (dict(topk=65), "topk")])
+def test_unsupported_shapes_name_the_argument(kw, name):
+    gen = torch.Generator().manual_seed(3)
+    d, di, topk = kw.get("d", 32), kw.get("di", 32), kw.get("topk", 1)
+    q, k, qi, ki, cu_q, cu_k = make([8], [8], 2, 1, d, di, torch.float32, gen)
+    idx = torch.zeros(1, 8, topk, dtype=torch.int32)
+    with pytest.raises(ValueError, match=name):
+        openmsa.indexer_kl_loss(q, k, qi, ki, idx, cu_q, cu_k, block_size=kw.get("block_size", 16),
+                                backend="triton")
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lens_q,lens_k", [([8192], [8192]),
+                                           ([3000, 128, 4000, 77, 1000], [3000, 600, 6000, 77, 2500])])
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_gpu_realistic_bf16(lens_q, lens_k, pass_lse):
+    """bf16 tolerances: scores are bf16 products accumulated in float32 on both sides, so
+    the loss agrees to float32 rounding (1e-4 leaves room for summation order over ~10^5
+    entries); dz is rounded to bf16 (2**-8 relative) for the gradient MMAs: <= 1e-2."""
+    gen = torch.Generator().manual_seed(sum(lens_q))
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 64, 4, 128, 128, torch.bfloat16, gen)
+    q = q * 3.0  # a peakier teacher than unit-scale random data
+    idx, index_lse = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=128, topk=16,
+                                          backend="reference")
+    kw = dict(block_size=128, coeff=0.1)
+    if pass_lse:
+        _, kw["lse"] = openmsa.sparse_attention(q, k, k, idx, cu_q, cu_k, backend="reference")
+        kw["index_lse"] = index_lse
+    got = check(q, k, qi, ki, idx, cu_q, cu_k, 1e-4, 1e-2, **kw)
+    again = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "triton", **kw)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])  # deterministic
