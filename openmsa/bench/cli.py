@@ -1,15 +1,18 @@
 """``openmsa bench``: the project's main job.
 
-Prints the cost model of spec section 9 for contexts 8K..1M, then times the ops on
-one sequence at a small size on this machine (the PyTorch reference on CPU; the
-best available backend on a GPU) against torch's dense causal SDPA on the same
-shape. ``--json`` writes every figure to a file.
+Prints the cost model of spec section 9 for contexts 8K..1M. On a GPU it then runs
+the kernel benchmark (openmsa/bench/training.py: indexer, sparse attention fwd and
+fwd+bwd, KL, against cuDNN SDPA and FlexAttention; extra arguments such as
+``--contexts 8192 32768 --pack`` pass through). On a CPU it times the PyTorch
+reference at a small size against torch's dense causal SDPA; ``--json`` writes the
+figures to a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -25,7 +28,8 @@ def _fmt_ctx(n: int) -> str:
     return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K"
 
 
-def print_cost_table(cfg: MSAConfig, out=sys.stdout) -> list[dict]:
+def print_cost_table(cfg: MSAConfig, out=None) -> list[dict]:
+    out = out or sys.stdout
     rows = cost_table(CONTEXTS, cfg)
     print(f"Cost model (spec section 9), {config_dict(cfg)}", file=out)
     print("| context | dense TFLOP | MSA TFLOP (index + main) | dense / MSA |", file=out)
@@ -108,9 +112,22 @@ def main(argv=None) -> int:
     b.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     b.add_argument("--runs", type=int, default=None)
     b.add_argument("--json", default=None, help="write the results to this file")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and args.backend != "reference":
+        # On a GPU the main job is the kernel benchmark against cuDNN SDPA and FlexAttention.
+        from .training import main as gpu_main
+        print_cost_table(MSAConfig())
+        gpu_args = list(rest)
+        if args.json:
+            gpu_args += ["--out", os.path.dirname(os.path.abspath(args.json))]
+        elif "--out" not in gpu_args:
+            gpu_args += ["--out", "benchmarks/results/local"]
+        gpu_main(gpu_args)
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     cpu = device.type == "cpu"
     print(f"openmsa bench on {platform.node()} ({torch.cuda.get_device_name(device) if not cpu else platform.processor() or 'CPU'}), "
           f"torch {torch.__version__}")
