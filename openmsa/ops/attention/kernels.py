@@ -136,14 +136,20 @@ def sparse_bwd_segment_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr,
 ):
-    """One program per segment: one key block of one group and a run of the CSR
-    entries that selected it, walked TOKENS query tokens (x G heads) at a time.
-    dK, dV of the block accumulate in registers over the segment and are added to
-    the float32 accumulators once (atomics only between segments of a hot block);
-    dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
+    """One program per (segment, key slice): one key block of one group (keys
+    [split * BLOCK_N, (split + 1) * BLOCK_N) of it, split = program_id(1)) and a run of
+    the CSR entries that selected it, walked TOKENS query tokens (x G heads) at a time.
+    WITH_DKDV: dK, dV of the slice accumulate in registers over the segment and are
+    added to the float32 accumulators once (atomics only between segments of a hot
+    block). WITH_DQ (needs BLOCK_N == BLOCK): dQ of each entry goes to its CSR position,
+    reduced per row by dq_reduce_kernel. The fused launch does both; the split launch
+    runs dK/dV on half-block slices (half the accumulator registers) and dQ separately,
+    at the price of recomputing S and dP."""
     w = tl.program_id(0)
+    split = tl.program_id(1)
     e0 = tl.load(tile_start + w)
     e1 = tl.load(tile_end + w)
     if e0 < e1:
@@ -155,15 +161,16 @@ def sparse_bwd_segment_kernel(
         k_start = tl.load(seq_k_start + seq).to(tl.int64)
         len_k = tl.load(seq_len_k + seq)
         d = tl.arange(0, D)
-        j = c * BLOCK + tl.arange(0, BLOCK)
+        j = c * BLOCK + split * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = j < len_k
         krow = k_start + j.to(tl.int64)
         kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
                      mask=key_ok[:, None], other=0.0)
         vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
                      mask=key_ok[:, None], other=0.0)
-        dk = tl.zeros((BLOCK, D), tl.float32)
-        dv = tl.zeros((BLOCK, D), tl.float32)
+        if WITH_DKDV:
+            dk = tl.zeros((BLOCK_N, D), tl.float32)
+            dv = tl.zeros((BLOCK_N, D), tl.float32)
         r = tl.arange(0, TOKENS * G_PAD)
         h = r % G_PAD
         for es in range(e0, e1, TOKENS):
@@ -184,25 +191,33 @@ def sparse_bwd_segment_kernel(
                 s = tl.dot(q, tl.trans(kt))
             visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
             p = tl.where(visible, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
+            if WITH_DKDV:
+                if IEEE:
+                    dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                else:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             if IEEE:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
                 dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
             else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(vt))
             ds = p * (dp - delta[:, None])
-            if IEEE:
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-                dq = tl.dot(ds, kt, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-                dq = tl.dot(ds.to(kt.dtype), kt)
-            out_row = e.to(tl.int64) * G + h
-            tl.store(PART_DQ + out_row[:, None] * D + d[None, :], dq * scale, mask=row_ok[:, None])
-        tl.atomic_add(DK + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dk * scale,
-                      mask=key_ok[:, None])
-        tl.atomic_add(DV + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dv,
-                      mask=key_ok[:, None])
+            if WITH_DKDV:
+                if IEEE:
+                    dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+                else:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if WITH_DQ:
+                if IEEE:
+                    dq = tl.dot(ds, kt, input_precision="ieee")
+                else:
+                    dq = tl.dot(ds.to(kt.dtype), kt)
+                out_row = e.to(tl.int64) * G + h
+                tl.store(PART_DQ + out_row[:, None] * D + d[None, :], dq * scale, mask=row_ok[:, None])
+        if WITH_DKDV:
+            tl.atomic_add(DK + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dk * scale,
+                          mask=key_ok[:, None])
+            tl.atomic_add(DV + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dv,
+                          mask=key_ok[:, None])
 
 
 @triton.jit

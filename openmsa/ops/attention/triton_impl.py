@@ -36,8 +36,10 @@ def _fwd_knobs():
 # 64-row tiles; a segment walks up to _SEGMENT_TILES tiles of one block so that dK, dV
 # are flushed (atomically) once per segment rather than once per tile.
 def _bwd_knobs():
+    """(tile rows, segment tiles, warps, stages, split dK/dV from dQ)."""
     return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 16)),
-            int(os.environ.get("OPENMSA_BWD_WARPS", 8)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)))
+            int(os.environ.get("OPENMSA_BWD_WARPS", 8)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)),
+            os.environ.get("OPENMSA_BWD_SPLIT", "0") == "1")
 
 
 def _check_supported(q, block_size):
@@ -97,7 +99,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     hkv = k.shape[1]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
-    tile_rows, segment_tiles, warps, stages = _bwd_knobs()
+    tile_rows, segment_tiles, warps, stages, split_kv = _bwd_knobs()
     tokens = max(1, tile_rows // g_pad)
     topk = topk_indices.shape[2]
     dq = torch.empty_like(q)
@@ -117,16 +119,26 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
         delta[row0:row0 + rows] = (do[row0:row0 + rows].float() * out[row0:row0 + rows].float()).sum(-1)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
                                tokens * segment_tiles)
-        sparse_bwd_segment_kernel[(sched.num_tiles_bound,)](
+        args = (
             q, k, v, do, lse, delta, part_dq, dk, dv,
             sched.tile_group, sched.tile_start, sched.tile_end,
             sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
             info.num_blocks_bound, scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
-            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
-            num_warps=warps, num_stages=stages,
         )
+        common = dict(G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
+                      num_warps=warps, num_stages=stages)
+        if split_kv and block_size % 2 == 0 and block_size >= 32:
+            # dK/dV on half-block slices, then dQ on whole blocks (S and dP computed twice)
+            half = block_size // 2
+            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 2)](
+                *args, BLOCK_N=half, WITH_DQ=False, WITH_DKDV=True, **common)
+            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
+                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=False, **common)
+        else:
+            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
+                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=True, **common)
         dq_reduce_kernel[(rows, hkv)](
             part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
             G=g, G_PAD=g_pad, D=d, num_warps=4,
