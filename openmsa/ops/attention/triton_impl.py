@@ -32,14 +32,17 @@ def _fwd_knobs():
             int(os.environ.get("OPENMSA_FWD_WARPS", 4)), int(os.environ.get("OPENMSA_FWD_STAGES", 3)))
 # One MMA tile has max(rows, G_PAD) rows: TOKENS query tokens x G_PAD heads (rows = 128
 # by default: Hopper's wgmma M is 64 per warpgroup, two warpgroups).
-# The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers:
-# 64-row tiles; a segment walks up to _SEGMENT_TILES tiles of one block so that dK, dV
-# are flushed (atomically) once per segment rather than once per tile.
+# The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers; a
+# segment walks up to `segment tiles` tiles of one block so that dK, dV are flushed
+# (atomically) once per segment rather than once per tile.
 def _bwd_knobs():
-    """(tile rows, segment tiles, warps, stages, split dK/dV from dQ)."""
+    """(tile rows, segment tiles, warps, stages, split dK/dV from dQ). Defaults from
+    benchmarks/results/h100/attention_bwd_sweep.log (128K fwd+bwd, H100): the split launch
+    with 64-row tiles and one warpgroup, 253 ms, against 284 ms for the best fused launch
+    (8 warps, one program per SM)."""
     return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 16)),
-            int(os.environ.get("OPENMSA_BWD_WARPS", 8)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)),
-            os.environ.get("OPENMSA_BWD_SPLIT", "0") == "1")
+            int(os.environ.get("OPENMSA_BWD_WARPS", 4)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)),
+            os.environ.get("OPENMSA_BWD_SPLIT", "1") == "1")
 
 
 def _check_supported(q, block_size):
