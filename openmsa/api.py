@@ -223,10 +223,11 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     V.check_positive_int("block_size", block_size)
     V.check_positive_int("topk", topk)
     V.check_bool("deterministic", deterministic)
+    stages = ("indexer_topk", "sparse_attention", "indexer_kl_loss")
     V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
-                   read_values=resolve("msa_attention", backend, q_p.device) == "reference")
+                   read_values=any(resolve(op, backend, q_p.device) == "reference" for op in stages))
     if backend == "triton":  # fail before any work if a stage has no kernels yet
-        for op in ("indexer_topk", "sparse_attention", "indexer_kl_loss"):
+        for op in stages:
             triton_op(op)
     kw = dict(block_size=block_size, backend=backend)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
