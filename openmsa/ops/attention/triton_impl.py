@@ -137,8 +137,10 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
             half = block_size // 2
             sparse_bwd_segment_kernel[(sched.num_tiles_bound, 2)](
                 *args, BLOCK_N=half, WITH_DQ=False, WITH_DKDV=True, **common)
+            dq_launch = dict(common, num_warps=int(os.environ.get("OPENMSA_BWD_DQ_WARPS", warps)),
+                             num_stages=int(os.environ.get("OPENMSA_BWD_DQ_STAGES", stages)))
             sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
-                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=False, **common)
+                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=False, **dq_launch)
         else:
             sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
                 *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=True, **common)
