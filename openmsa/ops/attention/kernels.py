@@ -22,6 +22,23 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def segment_block(w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start,
+                  seq_len_k, block_base, num_blocks_bound):
+    """What program w of a schedule (schedule.py) works on: its CSR entry range [e0, e1)
+    (empty for the programs past the real count), its group g, the key block's id c
+    within its sequence, the sequence's first key row and its key count."""
+    e0 = tl.load(tile_start + w)
+    e1 = tl.load(tile_end + w)
+    grp = tl.load(tile_group + w)
+    g = grp // num_blocks_bound
+    seq = tl.load(row_seq + tl.load(entry_row + e0))
+    c = grp % num_blocks_bound - tl.load(block_base + seq)
+    k_start = tl.load(seq_k_start + seq).to(tl.int64)
+    len_k = tl.load(seq_len_k + seq)
+    return e0, e1, g, c, k_start, len_k
+
+
+@triton.jit
 def sparse_fwd_tile_kernel(
     Q, K, V, PART_O, PART_LSE,
     tile_group, tile_start, tile_end,
@@ -32,16 +49,10 @@ def sparse_fwd_tile_kernel(
     D: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
+    e0, e1, g, c, k_start, len_k = segment_block(
+        w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
+        block_base, num_blocks_bound)
     if e0 < e1:
-        grp = tl.load(tile_group + w)
-        g = grp // num_blocks_bound
-        gb = grp % num_blocks_bound
-        seq = tl.load(row_seq + tl.load(entry_row + e0))
-        c = gb - tl.load(block_base + seq)
-        k_start = tl.load(seq_k_start + seq).to(tl.int64)
-        len_k = tl.load(seq_len_k + seq)
 
         d = tl.arange(0, D)
         j = c * BLOCK + tl.arange(0, BLOCK)  # key positions within the sequence
@@ -150,16 +161,10 @@ def sparse_bwd_segment_kernel(
     at the price of recomputing S and dP."""
     w = tl.program_id(0)
     split = tl.program_id(1)
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
+    e0, e1, g, c, k_start, len_k = segment_block(
+        w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
+        block_base, num_blocks_bound)
     if e0 < e1:
-        grp = tl.load(tile_group + w)
-        g = grp // num_blocks_bound
-        gb = grp % num_blocks_bound
-        seq = tl.load(row_seq + tl.load(entry_row + e0))
-        c = gb - tl.load(block_base + seq)
-        k_start = tl.load(seq_k_start + seq).to(tl.int64)
-        len_k = tl.load(seq_len_k + seq)
         d = tl.arange(0, D)
         j = c * BLOCK + split * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = j < len_k

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.kernels import segment_block
 from ..attention.schedule import build_schedule, row_info
 
 _TOKENS = 64  # query rows per MMA tile (one index head per group: rows are tokens)
@@ -33,16 +34,10 @@ def index_lse_partial_kernel(
 ):
     """PART[e] = logsumexp over entry e's visible tokens of its block of z."""
     w = tl.program_id(0)
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
+    e0, e1, g, c, k_start, len_k = segment_block(
+        w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
+        block_base, num_blocks_bound)
     if e0 < e1:
-        grp = tl.load(tile_group + w)
-        g = grp // num_blocks_bound
-        gb = grp % num_blocks_bound
-        seq = tl.load(row_seq + tl.load(entry_row + e0))
-        c = gb - tl.load(block_base + seq)
-        k_start = tl.load(seq_k_start + seq).to(tl.int64)
-        len_k = tl.load(seq_len_k + seq)
         d = tl.arange(0, DI)
         j = c * BLOCK + tl.arange(0, BLOCK)
         key_ok = j < len_k

@@ -35,6 +35,8 @@ Exponentials use exp2 with log2(e) folded into the scales.
 import triton
 import triton.language as tl
 
+from ..attention.kernels import segment_block
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -65,51 +67,6 @@ def _index_scores(QI, kit, entry_row, g, es, e1, stride_it, stride_ih,
 
 
 @triton.jit
-def kl_index_lse_kernel(
-    QI, KI, PART_ILSE,
-    tile_group, tile_start, tile_end,
-    entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
-    num_blocks_bound, scale_i_log2,
-    stride_it, stride_ih, stride_kit,
-    TOKENS: tl.constexpr, TM: tl.constexpr, BLOCK: tl.constexpr, DI: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """Per CSR entry: natural-log logsumexp of scale_i * z over its visible keys."""
-    w = tl.program_id(0)
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
-    if e0 < e1:
-        grp = tl.load(tile_group + w)
-        g = grp // num_blocks_bound
-        gb = grp % num_blocks_bound
-        seq = tl.load(row_seq + tl.load(entry_row + e0))
-        c = gb - tl.load(block_base + seq)
-        k_start = tl.load(seq_k_start + seq).to(tl.int64)
-        len_k = tl.load(seq_len_k + seq)
-        j = c * BLOCK + tl.arange(0, BLOCK)
-        key_ok = j < len_k
-        krow = k_start + j.to(tl.int64)
-        di = tl.arange(0, DI)
-        kit = tl.load(KI + krow[:, None] * stride_kit + di[None, :], mask=key_ok[:, None], other=0.0)
-        ti = tl.arange(0, TOKENS)
-        for es in range(e0, e1, TOKENS):
-            z, _qi, _ei, _ok = _index_scores(QI, kit, entry_row, g, es, e1, stride_it, stride_ih,
-                                             TOKENS, TM, BLOCK, DI, IEEE)
-            et = es + ti
-            tok_ok = et < e1
-            t = tl.load(entry_row + et, mask=tok_ok, other=0)
-            pos = tl.load(row_pos + t, mask=tok_ok, other=-1)
-            vis = (j[None, :] <= pos[:, None]) & key_ok[None, :]
-            zl = tl.where(vis, z * scale_i_log2, float("-inf"))
-            m = tl.max(zl, 1)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            l = tl.sum(tl.exp2(zl - m[:, None]), 1)
-            lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
-            tl.store(PART_ILSE + et, lse, mask=tok_ok)
-
-
-@triton.jit
 def kl_fused_kernel(
     Q, K, QI, KI, LSE, ILSE, PART_KL, PART_DQI, DKI,
     tile_group, tile_start, tile_end,
@@ -122,16 +79,10 @@ def kl_fused_kernel(
     IEEE_Q: tl.constexpr, IEEE_I: tl.constexpr, WITH_GRAD: tl.constexpr,
 ):
     w = tl.program_id(0)
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
+    e0, e1, g, c, k_start, len_k = segment_block(
+        w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
+        block_base, num_blocks_bound)
     if e0 < e1:
-        grp = tl.load(tile_group + w)
-        g = grp // num_blocks_bound
-        gb = grp % num_blocks_bound
-        seq = tl.load(row_seq + tl.load(entry_row + e0))
-        c = gb - tl.load(block_base + seq)
-        k_start = tl.load(seq_k_start + seq).to(tl.int64)
-        len_k = tl.load(seq_len_k + seq)
         REP: tl.constexpr = TM // TOKENS
         d = tl.arange(0, D)
         di = tl.arange(0, DI)

@@ -10,10 +10,8 @@ Missing LSEs are recomputed first:
 * ``lse`` (teacher normaliser) by the Triton sparse attention forward
   (``sparse_attention_forward(q, k, k, ...)``: its output is computed and thrown away;
   a waste of the PV product, fine for a fallback path);
-* ``index_lse`` by ``kl_index_lse_kernel``, a short first pass over the same schedule
-  (per-entry logsumexp of the index scores), merged per (row, group) with a torch
-  logsumexp over the row's <= K entries. The Triton indexer's LSE is not reused: it is
-  computed inside the top-k kernel for the indices it selects itself, not for given ones.
+* ``index_lse`` by the indexer's KV-outer selected-LSE pass
+  (``openmsa.ops.indexer.lse.index_lse_kv_outer``), which works for any given indices.
 
 Query rows are processed in chunks (at most 65536 rows) so that the per-entry partials
 (a [Di] float32 dqi partial and two floats per (row, group, slot)) stay within
@@ -40,7 +38,8 @@ import triton
 
 from ..attention.schedule import build_schedule, row_info
 from ..attention.triton_impl import sparse_attention_forward
-from .kernels import LOG2E, dqi_reduce_kernel, kl_fused_kernel, kl_index_lse_kernel
+from ..indexer.lse import index_lse_kv_outer
+from .kernels import LOG2E, dqi_reduce_kernel, kl_fused_kernel
 from .reference import indexer_kl_reference
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
@@ -128,16 +127,15 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
 
     if lse is None:
         _, lse = sparse_attention_forward(q, k, k, topk_indices, varlen, block_size, scale)
-    recompute_ilse = index_lse is None
-    if recompute_ilse:
-        index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=dev)
+    if index_lse is None:
+        index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size,
+                                       scale=scale_i)
 
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
     per_row = hkv * topk * ((di * 4 if with_grad else 0) + 8)
     rows_per_chunk = max(1, min(total_q, _MAX_ROWS_PER_CHUNK, _partial_bytes() // per_row))
     n_part = hkv * rows_per_chunk * topk
     part_kl = torch.empty((n_part,), dtype=torch.float32, device=dev)
-    part_ilse = torch.empty((n_part,), dtype=torch.float32, device=dev) if recompute_ilse else None
     part_dqi = torch.empty((n_part, di), dtype=torch.float32, device=dev) if with_grad else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     ieee_q, ieee_i = q.dtype == torch.float32, qi.dtype == torch.float32
@@ -151,15 +149,6 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
                       info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
                       info.num_blocks_bound)
         n_ent = hkv * rows * topk  # CSR positions of this chunk; invalid entries sort last
-        if recompute_ilse:
-            kl_index_lse_kernel[grid](
-                qi, ki, part_ilse, *sched_args, scale_i * LOG2E,
-                qi.stride(0), qi.stride(1), ki.stride(0),
-                IEEE=ieee_i, num_warps=4, num_stages=1, **common)
-            eo = sched.entry_of.long()
-            ent = part_ilse[eo.clamp_min(0)]
-            ent = torch.where(eo >= 0, ent, float("-inf"))
-            index_lse[:, row0:row0 + rows] = torch.logsumexp(ent, dim=-1)
         part_kl[:n_ent].zero_()  # positions of invalid entries are never written
         kl_fused_kernel[grid](
             q, k, qi, ki, lse, index_lse, part_kl,
