@@ -1,4 +1,10 @@
-"""Launcher of the KV-outer sparse attention forward (kernels.py, schedule.py).
+"""Launchers of the KV-outer sparse attention forward and backward (kernels.py,
+schedule.py), and their autograd Function.
+
+A tile is TOKENS query tokens x G_PAD heads of one group (the MMA's rows) against one
+key block; a segment is a run of tiles of one (group, block) that keeps the block in
+registers. The backward also keeps dK, dV of the block (or of half of it, in the split
+launch) in registers over a segment and flushes them with one atomic add.
 
 Query rows are processed in chunks so that the partial outputs (one [G, D] tile
 per (row, group, selected block)) stay within ``OPENMSA_PARTIAL_BYTES``
@@ -18,6 +24,7 @@ from .kernels import (
 )
 from .schedule import build_schedule, row_info
 
+
 def _partial_bytes() -> int:
     """Scratch for partial outputs (and dQ partials). 4 GiB: fewer, larger query chunks
     reuse each loaded key block for more queries (128K forward on H100: 55.6 ms at 2 GiB,
@@ -33,11 +40,8 @@ def _fwd_knobs():
     return (int(os.environ.get("OPENMSA_FWD_TILE_ROWS", 64)),
             int(os.environ.get("OPENMSA_FWD_SEGMENT_TILES", 16)),
             int(os.environ.get("OPENMSA_FWD_WARPS", 4)), int(os.environ.get("OPENMSA_FWD_STAGES", 3)))
-# One MMA tile has max(rows, G_PAD) rows: TOKENS query tokens x G_PAD heads (rows = 128
-# by default: Hopper's wgmma M is 64 per warpgroup, two warpgroups).
-# The backward holds dK, dV of the block plus S, P, dP, dS of a tile in registers; a
-# segment walks up to `segment tiles` tiles of one block so that dK, dV are flushed
-# (atomically) once per segment rather than once per tile.
+
+
 def _bwd_knobs():
     """(tile rows, segment tiles, warps, stages, split dK/dV from dQ). Defaults from
     benchmarks/results/h100/attention_bwd_sweep.log (128K fwd+bwd, H100): the split launch
