@@ -39,7 +39,9 @@ class MSAttention(nn.Module):
 
     ``forward(x, cu_seqlens=None, positions=None)`` takes ``x [batch, seqlen, hidden]``
     or packed ``x [total, hidden]`` with int32 ``cu_seqlens``; returns the output like x
-    and stores the KL in ``self.kl_loss``.
+    and stores the KL in ``self.kl_loss``. The packed form reads cu_seqlens on the host
+    (to check them and derive RoPE positions): pass ``positions`` and use the batched
+    form, or call the ops directly, where a CUDA graph must capture the layer.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim=None, *,
