@@ -217,7 +217,8 @@ def sparse_bwd_segment_kernel(
                 else:
                     dq = tl.dot(ds.to(kt.dtype), kt)
                 out_row = e.to(tl.int64) * G + h
-                tl.store(PART_DQ + out_row[:, None] * D + d[None, :], dq * scale, mask=row_ok[:, None])
+                tl.store(PART_DQ + out_row[:, None] * D + d[None, :],
+                         (dq * scale).to(PART_DQ.dtype.element_ty), mask=row_ok[:, None])
         if WITH_DKDV:
             tl.atomic_add(DK + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dk * scale,
                           mask=key_ok[:, None])
@@ -242,7 +243,8 @@ def dq_reduce_kernel(
         e = tl.load(entry_of + base + s)
         if e >= 0:
             row = e.to(tl.int64) * G + h
-            acc += tl.load(PART_DQ + row[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0)
+            acc += tl.load(PART_DQ + row[:, None] * D + d[None, :], mask=h_ok[:, None],
+                           other=0.0).to(tl.float32)
     t = (row0 + i).to(tl.int64)
     heads = (g * G + h).to(tl.int64)
     tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
