@@ -15,7 +15,8 @@ Missing LSEs are recomputed first:
 
 Query rows are processed in chunks (at most 65536 rows) so that the per-entry partials
 (a [Di] float32 dqi partial and two floats per (row, group, slot)) stay within
-``OPENMSA_PARTIAL_BYTES`` (default 2 GiB). Chunk sizes depend only on shapes: the
+``OPENMSA_PARTIAL_BYTES`` (the sparse attention's scratch budget, read by the same
+function). Chunk sizes depend only on shapes: the
 launcher never reads device values on the host (no synchronisation), except for
 ``topk_indices=None`` (below).
 
@@ -38,6 +39,7 @@ import triton
 
 from ..attention.schedule import build_schedule, row_info
 from ..attention.triton_impl import sparse_attention_forward
+from ..attention.triton_impl import _partial_bytes
 from ..indexer.lse import index_lse_kv_outer
 from .kernels import LOG2E, dqi_reduce_kernel, kl_fused_kernel
 from .reference import indexer_kl_reference
@@ -48,10 +50,6 @@ MAX_TOPK = 64
 # Also bounds the schedule's temporaries (build_schedule: a few int64 per (group, row,
 # slot) and a [Hkv, rows, K, K] duplicate mask) when the partials are small (no grad).
 _MAX_ROWS_PER_CHUNK = 1 << 16
-
-
-def _partial_bytes() -> int:
-    return int(os.environ.get("OPENMSA_PARTIAL_BYTES", 2 << 30))
 
 
 def _knobs(g_pad: int, dtype: torch.dtype):
