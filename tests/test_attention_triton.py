@@ -150,11 +150,14 @@ def test_gpu_realistic_bf16(lens):
             assert rel(a, b) <= 2e-2, name  # bf16 P, dS and outputs
 
 
-@pytest.mark.parametrize("split", ["0", "1"])
-def test_backward_split_and_fused_launches(split, monkeypatch):
+@pytest.mark.parametrize("split,launch", [("0", "interleaved"), ("1", "interleaved"),
+                                          ("1", "separate")])
+def test_backward_split_and_fused_launches(split, launch, monkeypatch):
     """The fused backward (dQ, dK, dV in one pass) and the split one (dK/dV on half-block
-    slices, then dQ) give the reference's gradients."""
+    slices and dQ, as three interleaved roles of one grid or as two launches) give the
+    reference's gradients."""
     monkeypatch.setenv("OPENMSA_BWD_SPLIT", split)
+    monkeypatch.setenv("OPENMSA_BWD_LAUNCH", launch)
     gen = torch.Generator().manual_seed(300)
     lens_q, lens_k, block = [40, 25], [100, 64], 32
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, torch.float32, gen)

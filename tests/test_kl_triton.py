@@ -139,9 +139,9 @@ def test_hand_made_indices(pass_lse):
 
 
 def test_small_tiles_segments_and_row_chunks(monkeypatch):
-    """One token per tile (TOKENS=1 < 16: the qi tile is padded 16x), one tile per segment
-    (a hot block is split over many programs whose dki meet in the atomics) and query rows
-    in chunks of a few rows (tiny partial budget)."""
+    """One token per teacher tile (G = 16), one tile per segment (a hot block is split
+    over many programs whose dki meet in the atomics) and query rows in chunks of a few
+    rows (tiny partial budget)."""
     monkeypatch.setenv("OPENMSA_KL_TILE_ROWS", "16")
     monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "1")
     monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", "4096")
@@ -150,6 +150,19 @@ def test_small_tiles_segments_and_row_chunks(monkeypatch):
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 32, 2, 32, 32, torch.float32, gen)
     idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2, backend="reference")
     check(q, k, qi, ki, idx, cu_q, cu_k, 1e-5, 1e-5, block_size=block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_student_walks_several_tiles_per_segment(dtype, monkeypatch):
+    """Segments longer than the student's tile: the student pass loops over several
+    16-entry tiles of one key block and accumulates dki across them."""
+    monkeypatch.setenv("OPENMSA_KL_STUDENT_ROWS", "16")
+    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "16")
+    gen = torch.Generator().manual_seed(16)
+    lens_q, lens_k, block = [90], [100], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 4, 2, 32, 32, dtype, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=3, backend="reference")
+    check(q, k, qi, ki, idx, cu_q, cu_k, *_tols(dtype), block_size=block)
 
 
 def test_all_empty_gives_zero_loss():

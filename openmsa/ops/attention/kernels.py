@@ -139,8 +139,8 @@ def combine_kernel(
 
 
 @triton.jit
-def sparse_bwd_segment_kernel(
-    Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+def _bwd_segment(
+    w, split, Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
     tile_group, tile_start, tile_end,
     entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
     num_blocks_bound, scale, scale_log2,
@@ -150,17 +150,12 @@ def sparse_bwd_segment_kernel(
     BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr,
 ):
-    """One program per (segment, key slice): one key block of one group (keys
-    [split * BLOCK_N, (split + 1) * BLOCK_N) of it, split = program_id(1)) and a run of
-    the CSR entries that selected it, walked TOKENS query tokens (x G heads) at a time.
-    WITH_DKDV: dK, dV of the slice accumulate in registers over the segment and are
-    added to the float32 accumulators once (atomics only between segments of a hot
-    block). WITH_DQ (needs BLOCK_N == BLOCK): dQ of each entry goes to its CSR position,
-    reduced per row by dq_reduce_kernel. The fused launch does both; the split launch
-    runs dK/dV on half-block slices (half the accumulator registers) and dQ separately,
-    at the price of recomputing S and dP."""
-    w = tl.program_id(0)
-    split = tl.program_id(1)
+    """Segment w of the schedule: one key block of one group (keys [split * BLOCK_N,
+    (split + 1) * BLOCK_N) of it) and a run of the CSR entries that selected it, walked
+    TOKENS query tokens (x G heads) at a time. WITH_DKDV: dK, dV of the slice accumulate
+    in registers over the segment and are added to the float32 accumulators once
+    (atomics only between segments of a hot block). WITH_DQ (needs BLOCK_N == BLOCK):
+    dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
     e0, e1, g, c, k_start, len_k = segment_block(
         w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
         block_base, num_blocks_bound)
@@ -227,6 +222,47 @@ def sparse_bwd_segment_kernel(
 
 
 @triton.jit
+def sparse_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+    tile_group, tile_start, tile_end,
+    entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
+    num_blocks_bound, scale, scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
+    G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, ROLE_COUNT: tl.constexpr, ROLE_OFFSET: tl.constexpr,
+):
+    """The backward of segment pid // ROLE_COUNT, role ROLE_OFFSET + pid % ROLE_COUNT.
+
+    SPLIT=False: one role, dQ, dK and dV of the whole block in one pass (dK, dV
+    accumulators of [BLOCK, D] float32: one program per SM at BLOCK = D = 128).
+    SPLIT=True: roles 0 and 1 accumulate dK, dV of the two half blocks, role 2 computes
+    dQ over the whole block; S and dP are computed twice, but each role needs half the
+    registers, so two programs share an SM. Launched with ROLE_COUNT=3 the three roles of
+    a segment are neighbours in the grid, run at the same time and read the same query
+    rows, so two of the three reads of Q and dO per entry hit L2; ROLE_COUNT=2 / 1 with
+    offsets 0 / 2 launch the dK/dV roles and the dQ role separately."""
+    pid = tl.program_id(0)
+    w = pid // ROLE_COUNT
+    role = ROLE_OFFSET + pid % ROLE_COUNT
+    args = (Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+            tile_group, tile_start, tile_end,
+            entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
+            num_blocks_bound, scale, scale_log2,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh)
+    if SPLIT:
+        if role < 2:
+            _bwd_segment(w, role, *args, G, G_PAD, TOKENS, BLOCK, BLOCK // 2, D, IEEE,
+                         False, True)
+        else:
+            _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, False)
+    else:
+        _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, True)
+
+
+@triton.jit
 def dq_reduce_kernel(
     PART_DQ, entry_of, DQ, row0, num_rows, topk, stride_qt, stride_qh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -249,3 +285,23 @@ def dq_reduce_kernel(
     heads = (g * G + h).to(tl.int64)
     tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
              acc.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+
+
+@triton.jit
+def softmax_delta_kernel(
+    DO, OUT, DELTA, num_rows, num_heads, stride_dot, stride_doh, stride_ot, stride_oh,
+    ROWS: tl.constexpr, D: tl.constexpr,
+):
+    """delta[t, h] = sum_d dO[t, h, d] * O[t, h, d] in float32 (the softmax backward's
+    correction term), ROWS (row, head) pairs per program, without float32 copies of
+    dO and O."""
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = i < num_rows * num_heads
+    t = i // num_heads
+    h = i % num_heads
+    d = tl.arange(0, D)
+    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(OUT + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + i, tl.sum(do * o, 1), mask=ok)

@@ -20,7 +20,8 @@ import torch
 import triton
 
 from .kernels import (
-    LOG2E, combine_kernel, dq_reduce_kernel, sparse_bwd_segment_kernel, sparse_fwd_tile_kernel,
+    LOG2E, combine_kernel, dq_reduce_kernel, softmax_delta_kernel, sparse_bwd_kernel,
+    sparse_fwd_tile_kernel,
 )
 from .schedule import build_schedule, row_info
 
@@ -43,13 +44,21 @@ def _fwd_knobs():
 
 
 def _bwd_knobs():
-    """(tile rows, segment tiles, warps, stages, split dK/dV from dQ). Defaults from
-    benchmarks/results/h100/attention_bwd_sweep.log (128K fwd+bwd, H100): the split launch
-    with 64-row tiles and one warpgroup, 253 ms, against 284 ms for the best fused launch
-    (8 warps, one program per SM)."""
-    return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 16)),
+    """(tile rows, segment tiles, warps, stages, split dK/dV from dQ, launch). 128K
+    fwd+bwd on the H100 (benchmarks/results/h100/): the split kernel with 64-row tiles
+    and one warpgroup, 253 ms, against 284 ms for the best fused launch (8 warps, one
+    program per SM; attention_bwd_sweep.log); launch="interleaved" (the three roles of a
+    segment, dK/dV of each half block and dQ, side by side in one grid, so two of the
+    three reads of Q and dO hit L2) 195 ms against 207 ms for "separate" (dK/dV roles,
+    then the dQ role; session2/run1_bwd.log); 64 tiles (256 entries) per segment,
+    i.e. a quarter of the dK/dV flushes and K/V loads of 16: 167 vs 185 ms
+    (session2/run2_bwd.log)."""
+    launch = os.environ.get("OPENMSA_BWD_LAUNCH", "interleaved")
+    if launch not in ("interleaved", "separate"):
+        raise ValueError(f"OPENMSA_BWD_LAUNCH must be 'interleaved' or 'separate', got {launch!r}")
+    return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 64)),
             int(os.environ.get("OPENMSA_BWD_WARPS", 4)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)),
-            os.environ.get("OPENMSA_BWD_SPLIT", "1") == "1")
+            os.environ.get("OPENMSA_BWD_SPLIT", "1") == "1", launch)
 
 
 def _dq_partial_dtype(dtype):
@@ -119,7 +128,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     hkv = k.shape[1]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
-    tile_rows, segment_tiles, warps, stages, split_kv = _bwd_knobs()
+    tile_rows, segment_tiles, warps, stages, split_kv, launch = _bwd_knobs()
     tokens = max(1, tile_rows // g_pad)
     topk = topk_indices.shape[2]
     dq = torch.empty_like(q)
@@ -135,9 +144,12 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     ieee = q.dtype == torch.float32
     # delta = rowsum(dO * O), the softmax backward's correction term, per (row, head).
     delta = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    delta_rows = 32
+    softmax_delta_kernel[(triton.cdiv(total_q * hq, delta_rows),)](
+        do, out, delta, total_q, hq, do.stride(0), do.stride(1), out.stride(0), out.stride(1),
+        ROWS=delta_rows, D=d, num_warps=4)
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
-        delta[row0:row0 + rows] = (do[row0:row0 + rows].float() * out[row0:row0 + rows].float()).sum(-1)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
                                tokens * segment_tiles)
         args = (
@@ -150,18 +162,18 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
         )
         common = dict(G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
                       num_warps=warps, num_stages=stages)
+        w = sched.num_tiles_bound
         if split_kv and block_size % 2 == 0 and block_size >= 32:
-            # dK/dV on half-block slices, then dQ on whole blocks (S and dP computed twice)
-            half = block_size // 2
-            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 2)](
-                *args, BLOCK_N=half, WITH_DQ=False, WITH_DKDV=True, **common)
-            dq_launch = dict(common, num_warps=int(os.environ.get("OPENMSA_BWD_DQ_WARPS", warps)),
-                             num_stages=int(os.environ.get("OPENMSA_BWD_DQ_STAGES", stages)))
-            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
-                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=False, **dq_launch)
+            if launch == "interleaved":
+                # the 3 roles of a segment side by side: Q, dO rows come from L2 twice
+                sparse_bwd_kernel[(3 * w,)](*args, SPLIT=True, ROLE_COUNT=3, ROLE_OFFSET=0,
+                                            **common)
+            else:
+                sparse_bwd_kernel[(2 * w,)](*args, SPLIT=True, ROLE_COUNT=2, ROLE_OFFSET=0,
+                                            **common)
+                sparse_bwd_kernel[(w,)](*args, SPLIT=True, ROLE_COUNT=1, ROLE_OFFSET=2, **common)
         else:
-            sparse_bwd_segment_kernel[(sched.num_tiles_bound, 1)](
-                *args, BLOCK_N=block_size, WITH_DQ=True, WITH_DKDV=True, **common)
+            sparse_bwd_kernel[(w,)](*args, SPLIT=False, ROLE_COUNT=1, ROLE_OFFSET=0, **common)
         dq_reduce_kernel[(rows, hkv)](
             part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
             G=g, G_PAD=g_pad, D=d, num_warps=4,

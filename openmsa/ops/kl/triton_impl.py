@@ -1,9 +1,11 @@
 """Launcher of the Triton sparse KL loss (spec section 6; kernels.py).
 
-Forward = ONE fused pass over the KV-outer schedule of the sparse attention
-(``openmsa.ops.attention.schedule``) that computes the loss and, when qi or ki needs a
-gradient, d loss / d qi and d ki at the same time (like a fused cross-entropy). The
-gradients are stored (float32) and the backward only multiplies them by grad_output.
+Forward = two passes over one KV-outer schedule of the sparse attention
+(``openmsa.ops.attention.schedule``): the teacher pass (main scores -> group-mean
+softmax P_T per entry) and the student pass, which computes the loss and, when qi or
+ki needs a gradient, d loss / d qi and d ki at the same time (like a fused
+cross-entropy). The gradients are stored (float32) and the backward only multiplies
+them by grad_output.
 
 Missing LSEs are recomputed first:
 
@@ -14,7 +16,7 @@ Missing LSEs are recomputed first:
   (``openmsa.ops.indexer.lse.index_lse_kv_outer``), which works for any given indices.
 
 Query rows are processed in chunks (at most 65536 rows) so that the per-entry partials
-(a [Di] float32 dqi partial and two floats per (row, group, slot)) stay within
+(P_T [B] float32, a [Di] float32 dqi partial and the KL per (row, group, slot)) stay within
 ``OPENMSA_PARTIAL_BYTES`` (the sparse attention's scratch budget, read by the same
 function). Chunk sizes depend only on shapes: the
 launcher never reads device values on the host (no synchronisation), except for
@@ -41,7 +43,7 @@ from ..attention.schedule import build_schedule, row_info
 from ..attention.triton_impl import sparse_attention_forward
 from ..attention.triton_impl import _partial_bytes
 from ..indexer.lse import index_lse_kv_outer
-from .kernels import LOG2E, dqi_reduce_kernel, kl_fused_kernel
+from .kernels import LOG2E, dqi_reduce_kernel, kl_student_kernel, kl_teacher_kernel
 from .reference import indexer_kl_reference
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
@@ -53,27 +55,28 @@ _MAX_ROWS_PER_CHUNK = 1 << 16
 
 
 def _knobs(g_pad: int, dtype: torch.dtype):
-    """(tile rows = TOKENS x G_PAD, tiles per segment, num_warps, num_stages).
+    """Launch settings: teacher (tile rows = TOKENS x G_PAD, tiles per segment, warps,
+    stages) and student (entries per tile, warps, stages).
 
-    A tile holds S/P [rows, B] in float32 plus the token-level tiles P_T, z, P_S, dz
-    [TOKENS, B] and the qi/dqi tiles [max(TOKENS, 16), Di], besides dki [B, Di] float32
-    (the segment's accumulator). Default rows per G_PAD, from compiling for sm_90 with
-    Triton 3.6 (bf16, B = 128, D = Di = 128, 8 warps, 1 stage; registers per thread,
-    no spills unless said): G_PAD >= 16: 128 rows (G = 16: 208 registers, 128 KB shared
-    memory; G = 64: 8 bytes of spill); G_PAD = 8: 64 rows (240); G_PAD <= 4: 32 rows
-    (G = 1: 201, G = 4: 208). More rows at small G spill (G = 1, 64 rows: 520 bytes).
-    float32 (ieee dots on CUDA cores; not a production dtype) spills at any useful tile:
-    small tiles. A segment walks up to 16 tiles of one key block, so dki is flushed
-    (atomically) once per segment. Every knob can be overridden from the environment.
+    The teacher tile is the attention forward's (S, P [rows, B] float32, no output
+    accumulator); the student's holds z, P_T, P_S [ROWS, B] float32 and the segment's
+    dki [B, Di] float32 accumulator (128 registers per thread with 4 warps at
+    B = Di = 128). Defaults for bf16, G = 16, B = D = Di = 128 on the H100
+    (benchmarks/results/h100/session2/run*_kl_*.log, 128K): teacher 128 rows (8 tokens)
+    / 4 warps / 3 stages, 41.0 ms in all against 48.4 ms with 64 rows (64 rows: 117
+    registers, 68 KB shared memory); 64 tiles (512 entries) per segment: 35.1 ms against
+    41.4 with 16, mostly fewer dki flushes (float32 atomics of [B, Di] per segment) in
+    the student; student 32 rows / 4 warps / 2 stages, 255 registers without spills
+    (64-row tiles spill; 52.7-67.8 ms). float32
+    (ieee dots on CUDA cores; not a production dtype): small tiles. Every knob can be
+    overridden from the environment.
     """
-    if dtype == torch.float32:
-        rows = max(32, g_pad)
-    else:
-        rows = 128 if g_pad >= 16 else 64 if g_pad == 8 else 32
-    return (int(os.environ.get("OPENMSA_KL_TILE_ROWS", rows)),
-            int(os.environ.get("OPENMSA_KL_SEGMENT_TILES", 16)),
-            int(os.environ.get("OPENMSA_KL_WARPS", 8)),
-            int(os.environ.get("OPENMSA_KL_STAGES", 1)))
+    rows = max(32, g_pad) if dtype == torch.float32 else max(128, g_pad)
+    env = os.environ.get
+    return ((int(env("OPENMSA_KL_TILE_ROWS", rows)), int(env("OPENMSA_KL_SEGMENT_TILES", 64)),
+             int(env("OPENMSA_KL_WARPS", 4)), int(env("OPENMSA_KL_STAGES", 3))),
+            (int(env("OPENMSA_KL_STUDENT_ROWS", 32)), int(env("OPENMSA_KL_STUDENT_WARPS", 4)),
+             int(env("OPENMSA_KL_STUDENT_STAGES", 2))))
 
 
 def _check_supported(q, qi, topk_indices, block_size):
@@ -108,11 +111,9 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
     di = qi.shape[2]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
-    tile_rows, segment_tiles, warps, stages = _knobs(g_pad, q.dtype)
-    # tl.dot needs M >= 16: at least 16 main rows (TOKENS x G_PAD), and the qi tile
-    # [TM, Di] is padded to 16 rows when TOKENS < 16.
-    tokens = max(1, tile_rows // g_pad, triton.cdiv(16, g_pad))
-    tm = max(16, tokens)
+    (tile_rows, segment_tiles, warps, stages), (s_rows, s_warps, s_stages) = _knobs(g_pad, q.dtype)
+    tokens = max(1, tile_rows // g_pad, triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
+    s_rows = max(16, s_rows)
     topk = topk_indices.shape[2]
     dev = q.device
     total = torch.zeros((), dtype=torch.float32, device=dev)
@@ -130,14 +131,13 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
                                        scale=scale_i)
 
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
-    per_row = hkv * topk * ((di * 4 if with_grad else 0) + 8)
+    per_row = hkv * topk * (block_size * 4 + (di * 4 if with_grad else 0) + 4)
     rows_per_chunk = max(1, min(total_q, _MAX_ROWS_PER_CHUNK, _partial_bytes() // per_row))
     n_part = hkv * rows_per_chunk * topk
+    part_pt = torch.empty((n_part, block_size), dtype=torch.float32, device=dev)
     part_kl = torch.empty((n_part,), dtype=torch.float32, device=dev)
     part_dqi = torch.empty((n_part, di), dtype=torch.float32, device=dev) if with_grad else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
-    ieee_q, ieee_i = q.dtype == torch.float32, qi.dtype == torch.float32
-    common = dict(TOKENS=tokens, TM=tm, BLOCK=block_size, DI=di)
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
@@ -148,15 +148,19 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
                       info.num_blocks_bound)
         n_ent = hkv * rows * topk  # CSR positions of this chunk; invalid entries sort last
         part_kl[:n_ent].zero_()  # positions of invalid entries are never written
-        kl_fused_kernel[grid](
-            q, k, qi, ki, lse, index_lse, part_kl,
+        kl_teacher_kernel[grid](
+            q, k, lse, part_pt, *sched_args, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1),
+            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d,
+            IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        kl_student_kernel[grid](
+            qi, ki, index_lse, part_pt, part_kl,
             part_dqi if with_grad else dummy, dki if with_grad else dummy,
-            *sched_args, scale * LOG2E, scale_i * LOG2E, norm * scale_i,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qi.stride(0), qi.stride(1),
-            ki.stride(0), lse.stride(0), lse.stride(1), index_lse.stride(0), index_lse.stride(1),
+            *sched_args, scale_i * LOG2E, norm * scale_i,
+            qi.stride(0), qi.stride(1), ki.stride(0), index_lse.stride(0), index_lse.stride(1),
             dki.stride(0) if with_grad else 0,
-            G=g, G_PAD=g_pad, D=d, IEEE_Q=ieee_q, IEEE_I=ieee_i, WITH_GRAD=with_grad,
-            num_warps=warps, num_stages=stages, **common)
+            ROWS=s_rows, BLOCK=block_size, DI=di, IEEE=qi.dtype == torch.float32,
+            WITH_GRAD=with_grad, num_warps=s_warps, num_stages=s_stages)
         total += part_kl[:n_ent].sum()
         if with_grad:
             reduce_rows = 16
