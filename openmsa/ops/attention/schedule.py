@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 
 @dataclass
@@ -61,30 +63,57 @@ class TileSchedule:
     num_tiles_bound: int  # W, a host-side upper bound; the real count is on the device
 
 
+@triton.jit
+def schedule_keys_kernel(
+    TOPK, stride_tg, stride_tr, row0, num_rows, row_seq, row_pos, seq_len_k, block_base,
+    num_blocks_bound, num_groups, block_size, KEY, COUNTS,
+    K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Per (group g, row, slot): the CSR group key g * num_blocks_bound + global block of
+    an entry that contributes, else the sentinel num_groups * num_blocks_bound; and
+    per group key the number of entries (integer atomics: exact). One program per ROWS
+    rows of one group; the duplicate test compares the row's K slots pairwise in
+    registers."""
+    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1)
+    r_ok = i < num_rows
+    sl = tl.arange(0, K_PAD)
+    t = row0 + i
+    seq = tl.load(row_seq + t, mask=r_ok, other=0)
+    pos = tl.load(row_pos + t, mask=r_ok, other=-1)
+    nblk = (tl.load(seq_len_k + seq, mask=r_ok, other=0) + block_size - 1) // block_size
+    base = tl.load(block_base + seq, mask=r_ok, other=0)
+    m = r_ok[:, None] & (sl < K)[None, :]
+    ids = tl.load(TOPK + g.to(tl.int64) * stride_tg + i.to(tl.int64)[:, None] * stride_tr
+                  + sl[None, :], mask=m, other=-1)
+    ok = (ids >= 0) & (ids < nblk[:, None]) & (ids.to(tl.int64) * block_size <= pos[:, None])
+    # a slot repeating an earlier slot's id adds nothing (the token set is a set)
+    same = (ids[:, :, None] == ids[:, None, :]) & (sl[None, None, :] < sl[None, :, None])
+    ok = ok & (tl.max(same.to(tl.int32), 2) == 0)
+    key = tl.where(ok, g * num_blocks_bound + base[:, None] + ids, num_groups * num_blocks_bound)
+    tl.store(KEY + (g.to(tl.int64) * num_rows + i)[:, None] * K + sl[None, :], key, mask=m)
+    tl.atomic_add(COUNTS + key, tl.full(key.shape, 1, tl.int32), mask=ok)
+
+
 def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size: int,
                    tokens_per_tile: int) -> TileSchedule:
     """CSR of the rows [row0, row0 + R) of ``topk_rows`` ([Hkv, R, K] int32)."""
     hkv, r, k = topk_rows.shape
     dev = topk_rows.device
     nb = info.num_blocks_bound
-    ids = topk_rows.long()
-    rows = torch.arange(row0, row0 + r, device=dev)
-    seq = info.seq[rows].long()
-    pos = info.pos[rows].long()
-    nblk = (info.seq_len_k.long()[seq] + block_size - 1) // block_size
-    ok = (ids >= 0) & (ids < nblk[None, :, None]) & (ids * block_size <= pos[None, :, None])
-    same = ids[..., :, None] == ids[..., None, :]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)
-    ok &= ~(same & earlier).any(-1)
-    group = (torch.arange(hkv, device=dev).view(hkv, 1, 1) * nb
-             + info.block_base.long()[seq][None, :, None] + ids)
     sentinel = hkv * nb
-    key = torch.where(ok, group, sentinel).flatten()
     # int32 keys sort faster; hkv * nb stays far below 2**31 for any real context.
-    order = torch.sort(key.to(torch.int32), stable=True).indices
+    key = torch.empty(hkv * r * k, dtype=torch.int32, device=dev)
+    counts = torch.zeros(sentinel, dtype=torch.int32, device=dev)
+    if r > 0:
+        rows_per_program = 32
+        schedule_keys_kernel[(triton.cdiv(r, rows_per_program), hkv)](
+            topk_rows, topk_rows.stride(0), topk_rows.stride(1), row0, r, info.seq, info.pos,
+            info.seq_len_k, info.block_base, nb, hkv, block_size, key, counts,
+            K=k, K_PAD=triton.next_power_of_2(k), ROWS=rows_per_program, num_warps=4)
+    order = torch.sort(key, stable=True).indices
     e = key.numel()
-    counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=dev).scatter_add_(
-        0, key, torch.ones_like(key))[:-1]
+    counts = counts.long()
     group_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + tokens_per_tile - 1) // tokens_per_tile
     tile_cum = torch.cumsum(tiles, 0)
@@ -103,6 +132,6 @@ def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size
     entry_row = ((order // k) % r + row0).to(torch.int32)
     position = torch.empty(e, dtype=torch.int64, device=dev)
     position[order] = torch.arange(e, device=dev)
-    entry_of = torch.where(ok.flatten(), position, -1).view(hkv, r, k).to(torch.int32)
+    entry_of = torch.where(key < sentinel, position, -1).view(hkv, r, k).to(torch.int32)
     return TileSchedule(entry_row, entry_of, grp.to(torch.int32), start.to(torch.int32),
                         end.to(torch.int32), w_bound)
