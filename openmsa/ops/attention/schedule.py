@@ -66,14 +66,13 @@ class TileSchedule:
 @triton.jit
 def schedule_keys_kernel(
     TOPK, stride_tg, stride_tr, row0, num_rows, row_seq, row_pos, seq_len_k, block_base,
-    num_blocks_bound, num_groups, block_size, KEY, COUNTS,
+    num_blocks_bound, num_groups, block_size, KEY,
     K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Per (group g, row, slot): the CSR group key g * num_blocks_bound + global block of
-    an entry that contributes, else the sentinel num_groups * num_blocks_bound; and
-    per group key the number of entries (integer atomics: exact). One program per ROWS
-    rows of one group; the duplicate test compares the row's K slots pairwise in
-    registers."""
+    an entry that contributes, else the sentinel num_groups * num_blocks_bound. One
+    program per ROWS rows of one group; the duplicate test compares the row's K slots
+    pairwise in registers."""
     i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     g = tl.program_id(1)
     r_ok = i < num_rows
@@ -92,7 +91,6 @@ def schedule_keys_kernel(
     ok = ok & (tl.max(same.to(tl.int32), 2) == 0)
     key = tl.where(ok, g * num_blocks_bound + base[:, None] + ids, num_groups * num_blocks_bound)
     tl.store(KEY + (g.to(tl.int64) * num_rows + i)[:, None] * K + sl[None, :], key, mask=m)
-    tl.atomic_add(COUNTS + key, tl.full(key.shape, 1, tl.int32), mask=ok)
 
 
 def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size: int,
@@ -104,17 +102,19 @@ def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size
     sentinel = hkv * nb
     # int32 keys sort faster; hkv * nb stays far below 2**31 for any real context.
     key = torch.empty(hkv * r * k, dtype=torch.int32, device=dev)
-    counts = torch.zeros(sentinel, dtype=torch.int32, device=dev)
     if r > 0:
         rows_per_program = 32
         schedule_keys_kernel[(triton.cdiv(r, rows_per_program), hkv)](
             topk_rows, topk_rows.stride(0), topk_rows.stride(1), row0, r, info.seq, info.pos,
-            info.seq_len_k, info.block_base, nb, hkv, block_size, key, counts,
+            info.seq_len_k, info.block_base, nb, hkv, block_size, key,
             K=k, K_PAD=triton.next_power_of_2(k), ROWS=rows_per_program, num_warps=4)
-    order = torch.sort(key, stable=True).indices
+    sorted_key, order = torch.sort(key, stable=True)
     e = key.numel()
-    counts = counts.long()
-    group_start = torch.cumsum(counts, 0) - counts
+    # group key x occupies [bounds[x], bounds[x + 1]) of the sorted order (no atomics:
+    # a hot block's key would serialise thousands of increments)
+    bounds = torch.searchsorted(sorted_key, torch.arange(sentinel + 1, dtype=torch.int32, device=dev))
+    group_start = bounds[:-1]
+    counts = bounds[1:] - group_start
     tiles = (counts + tokens_per_tile - 1) // tokens_per_tile
     tile_cum = torch.cumsum(tiles, 0)
 

@@ -50,13 +50,13 @@ def _bwd_knobs():
     program per SM; attention_bwd_sweep.log); launch="interleaved" (the three roles of a
     segment, dK/dV of each half block and dQ, side by side in one grid, so two of the
     three reads of Q and dO hit L2) 195 ms against 207 ms for "separate" (dK/dV roles,
-    then the dQ role; session2/run1_bwd.log); 64 tiles (256 entries) per segment,
-    i.e. a quarter of the dK/dV flushes and K/V loads of 16: 167 vs 185 ms
-    (session2/run2_bwd.log)."""
+    then the dQ role; session2/run1_bwd.log); 128 tiles (512 entries) per segment, i.e.
+    an eighth of the dK/dV flushes and K/V loads of 16: 185 (16) -> 167 (64) ms
+    (session2/run2_bwd.log), 161 (64) -> 158 (128) ms (session2/run3_bwd.log)."""
     launch = os.environ.get("OPENMSA_BWD_LAUNCH", "interleaved")
     if launch not in ("interleaved", "separate"):
         raise ValueError(f"OPENMSA_BWD_LAUNCH must be 'interleaved' or 'separate', got {launch!r}")
-    return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 64)),
+    return (int(os.environ.get("OPENMSA_BWD_TILE_ROWS", 64)), int(os.environ.get("OPENMSA_BWD_SEGMENT_TILES", 128)),
             int(os.environ.get("OPENMSA_BWD_WARPS", 4)), int(os.environ.get("OPENMSA_BWD_STAGES", 1)),
             os.environ.get("OPENMSA_BWD_SPLIT", "1") == "1", launch)
 
