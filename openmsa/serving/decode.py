@@ -1,0 +1,282 @@
+"""Paged MSA decode with a FlashInfer-style lifecycle (spec section 8).
+
+    wrapper = MSADecodeWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_head_dim=128)
+    wrapper.plan(cu_seqlens_q, kv_lens, page_table)   # request metadata; may allocate / sync
+    out, topk_indices = wrapper.run(q, qi, k_cache, v_cache, ki_cache)   # per layer
+
+``plan()`` takes the step's request metadata: ``cu_seqlens_q`` int32 [batch + 1] (1 to
+``max_q_per_request`` new query tokens per request, 0 allowed), ``kv_lens`` int32 [batch]
+(cached tokens per request, the new ones included: they were appended first, see
+``openmsa.serving.cache``) and ``page_table`` int32 [batch, max_pages]. It reads the lengths
+on the host, picks the split counts, and allocates every buffer ``run()`` needs. One plan
+serves every layer of a step.
+
+``run()`` takes one layer's tensors: ``q [total_q, Hq, D]``, ``qi [total_q, Hkv, Di]`` and
+the pools ``k_cache, v_cache [num_pages, B, Hkv, D]``, ``ki_cache [num_pages, B, Di]``. It
+allocates nothing, never synchronises with the host and can be captured in a CUDA graph.
+It returns the wrapper's own ``out [total_q, Hq, D]`` (and ``lse [total_q, Hq]`` float32
+with ``return_lse=True``) and ``topk_indices [Hkv, total_q, K]`` (logical block ids in the
+spec's deterministic order: score descending, ties to the smaller id, then the local
+block, then -1); the next ``run()`` overwrites them.
+
+A captured ``run()`` stays valid when ``plan()`` is called again with the same batch size,
+the same total and maximum query count per request and the same page-table width: plan
+then only copies the new metadata into the buffers the graph reads.
+
+Query token i of request b sits at position kv_lens[b] - Lq_b + i (bottom-right causal,
+as everywhere in openmsa). The Index Branch is exact (same ranking as the reference, spec
+section 4); serving needs no index LSE, so none is computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .. import _backend
+
+_KERNELS = ("decode_topk_split_kernel", "decode_topk_merge_kernel",
+            "decode_attention_split_kernel", "decode_attention_merge_kernel")
+_MAX_INDEX_SPLITS = 64  # the merge sorts NSPLIT_PAD x KPAD keys per row in one program
+
+
+def _kernels(device: torch.device) -> dict:
+    return {name: _backend._load(f"openmsa.serving.decode_kernels:{name}", device)
+            for name in _KERNELS}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class MSADecodeWrapper:
+    """Paged MSA decode (Index Branch Top-k + sparse attention) for a batch of requests
+    with 1 to ``max_q_per_request`` query tokens each. See the module docstring."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, index_head_dim: int, *,
+                 block_size: int = 128, topk: int = 16, softmax_scale: float | None = None,
+                 index_softmax_scale: float | None = None, max_q_per_request: int = 16):
+        self.num_heads = _int("num_heads", num_heads)
+        self.num_kv_heads = _int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.head_dim = _int("head_dim", head_dim)
+        self.index_head_dim = _int("index_head_dim", index_head_dim)
+        for name, v in (("head_dim", head_dim), ("index_head_dim", index_head_dim)):
+            if v not in (16, 32, 64, 128, 256):
+                raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {v}")
+        self.block_size = _int("block_size", block_size)
+        if block_size not in (16, 32, 64, 128):
+            raise ValueError(f"block_size must be 16, 32, 64 or 128 (the page size), got {block_size}")
+        self.topk = _int("topk", topk)
+        if topk > 64:
+            raise ValueError(f"topk must be at most 64, got {topk}")
+        self.max_q_per_request = _int("max_q_per_request", max_q_per_request)
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+        self.index_softmax_scale = (1.0 / math.sqrt(index_head_dim) if index_softmax_scale is None
+                                    else float(index_softmax_scale))
+        self._plan = None
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
+             *, dtype: torch.dtype = torch.bfloat16, index_splits: int | None = None,
+             attention_splits: int | None = None) -> None:
+        """Request metadata of one step (see the module docstring); ``dtype`` is the dtype
+        of q and of the output. ``index_splits`` (programs per request scanning its index
+        keys, at most 64) and ``attention_splits`` (programs per (query, group) sharing its
+        K selected blocks, at most K) override the defaults, which aim at two programs per
+        SM."""
+        for name, x, dim in (("cu_seqlens_q", cu_seqlens_q, 1), ("kv_lens", kv_lens, 1),
+                             ("page_table", page_table, 2)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dtype != torch.int32:
+                raise TypeError(f"{name} must be int32, got {x.dtype}")
+            if x.dim() != dim:
+                raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(x.shape)}")
+        batch = kv_lens.numel()
+        if cu_seqlens_q.numel() != batch + 1:
+            raise ValueError(f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.numel()}")
+        if page_table.shape[0] != batch:
+            raise ValueError(f"page_table must have batch = {batch} rows, got {page_table.shape[0]}")
+        device = page_table.device
+        if cu_seqlens_q.device != device or kv_lens.device != device:
+            raise ValueError("cu_seqlens_q, kv_lens and page_table must be on the same device")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        cu = cu_seqlens_q.cpu().tolist()
+        lens = kv_lens.cpu().tolist()
+        qlens = [cu[i + 1] - cu[i] for i in range(batch)]
+        if cu[0] != 0 or any(n < 0 for n in qlens):
+            raise ValueError(f"cu_seqlens_q must start at 0 and be non-decreasing, got {cu}")
+        if any(n > self.max_q_per_request for n in qlens):
+            raise ValueError(f"cu_seqlens_q: at most max_q_per_request = {self.max_q_per_request} "
+                             f"query tokens per request, got {max(qlens)}")
+        bs = self.block_size
+        max_pages = page_table.shape[1]
+        for b, (n, kl) in enumerate(zip(qlens, lens)):
+            if kl < n:
+                raise ValueError(f"kv_lens[{b}] = {kl} is smaller than the request's {n} query tokens")
+            if -(-kl // bs) > max_pages:
+                raise ValueError(f"kv_lens[{b}] = {kl} needs {-(-kl // bs)} pages, page_table has {max_pages}")
+        total_q = cu[-1]
+        hkv, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        g_pad = max(16, triton.next_power_of_2(g))  # a group's heads are the MMA rows: >= 16
+        qmax = max(qlens) if qlens else 0
+        rows = max(16, triton.next_power_of_2(max(1, qmax) * hkv))
+        kpad = max(2, triton.next_power_of_2(max(self.topk - 1, 1)))
+        sms = _sm_count(device)
+        max_blocks = max((-(-kl // bs) for kl in lens), default=0)
+        # split counts depend on shapes only (batch, page-table width, query count), so a
+        # re-plan with the same shapes keeps a captured graph valid
+        idx_splits = max(1, min(_MAX_INDEX_SPLITS, -(-2 * sms // max(batch, 1)), max_pages))
+        rows_q = total_q * hkv
+        attn_splits = 1 if rows_q >= 2 * sms else min(self.topk, triton.next_power_of_2(-(-2 * sms // max(rows_q, 1))))
+        if index_splits is not None:
+            idx_splits = _int("index_splits", index_splits)
+            if idx_splits > _MAX_INDEX_SPLITS:
+                raise ValueError(f"index_splits must be at most {_MAX_INDEX_SPLITS}, got {idx_splits}")
+        if attention_splits is not None:
+            attn_splits = _int("attention_splits", attention_splits)
+            if attn_splits > self.topk:
+                raise ValueError(f"attention_splits must be at most topk = {self.topk}, got {attn_splits}")
+        key = (batch, total_q, qmax, max_pages, dtype, device, idx_splits, attn_splits)
+        p = self._plan
+        if p is None or p["key"] != key:
+            p = dict(key=key, batch=batch, total_q=total_q, qmax=qmax, rows=rows, kpad=kpad, g_pad=g_pad,
+                     idx_splits=idx_splits, attn_splits=attn_splits, device=device, dtype=dtype,
+                     cu_q=torch.empty(batch + 1, dtype=torch.int32, device=device),
+                     kv_lens=torch.empty(batch, dtype=torch.int32, device=device),
+                     page_table=torch.empty((batch, max_pages), dtype=torch.int32, device=device),
+                     row_seq=torch.empty(total_q, dtype=torch.int32, device=device),
+                     row_pos=torch.empty(total_q, dtype=torch.int32, device=device),
+                     pages_per_split=torch.empty(1, dtype=torch.int32, device=device),
+                     cand=torch.empty((batch * idx_splits * rows * kpad,), dtype=torch.int64, device=device),
+                     topk=torch.empty((hkv, total_q, self.topk), dtype=torch.int32, device=device),
+                     out=torch.empty((total_q, self.num_heads, self.head_dim), dtype=dtype, device=device),
+                     lse=torch.empty((total_q, self.num_heads), dtype=torch.float32, device=device),
+                     part_o=torch.empty((total_q * hkv * attn_splits * g_pad, self.head_dim)
+                                        if attn_splits > 1 else (1, 1), dtype=torch.float32, device=device),
+                     part_lse=torch.empty((total_q * hkv * attn_splits * g_pad,)
+                                          if attn_splits > 1 else (1,), dtype=torch.float32, device=device))
+        seq = [b for b, n in enumerate(qlens) for _ in range(n)]
+        pos = [lens[b] - n + i for b, n in enumerate(qlens) for i in range(n)]
+        p["cu_q"].copy_(cu_seqlens_q)
+        p["kv_lens"].copy_(kv_lens)
+        p["page_table"].copy_(page_table)
+        p["row_seq"].copy_(torch.tensor(seq, dtype=torch.int32))
+        p["row_pos"].copy_(torch.tensor(pos, dtype=torch.int32))
+        p["pages_per_split"].fill_(max(1, -(-max_blocks // idx_splits)))
+        self._plan = p
+
+    # ------------------------------------------------------------------- run
+    def _require_plan(self):
+        if self._plan is None:
+            raise RuntimeError("MSADecodeWrapper: call plan() before run() / topk()")
+        return self._plan
+
+    def _check_tensor(self, name, x, shape):
+        p = self._plan
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+        if x.device != p["device"]:
+            raise ValueError(f"{name} must be on the planned device {p['device']}, got {x.device}")
+
+    def _check_pool(self, name, x, tail):
+        p = self._plan
+        if not isinstance(x, torch.Tensor) or x.dim() != len(tail) + 1 or tuple(x.shape[1:]) != tail:
+            raise ValueError(f"{name} must have shape [num_pages, {', '.join(map(str, tail))}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+        if x.device != p["device"]:
+            raise ValueError(f"{name} must be on the planned device {p['device']}, got {x.device}")
+
+    def _check_run(self, q, qi, k_cache, v_cache, ki_cache):
+        p = self._require_plan()
+        hq, hkv, d, di, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim, self.block_size
+        self._check_tensor("q", q, (p["total_q"], hq, d))
+        self._check_tensor("qi", qi, (p["total_q"], hkv, di))
+        self._check_pool("k_cache", k_cache, (bs, hkv, d))
+        self._check_pool("v_cache", v_cache, (bs, hkv, d))
+        self._check_pool("ki_cache", ki_cache, (bs, di))
+        if q.dtype != p["dtype"] or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise TypeError(f"q, k_cache and v_cache must have the planned dtype {p['dtype']}, got "
+                            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        if qi.dtype != ki_cache.dtype:
+            raise TypeError(f"qi and ki_cache must have the same dtype, got {qi.dtype} and {ki_cache.dtype}")
+
+    def run(self, q, qi, k_cache, v_cache, ki_cache, *, return_lse: bool = False):
+        """Index Branch then Main Branch: ``(out, topk_indices)`` (``(out, lse,
+        topk_indices)`` with ``return_lse``)."""
+        self._check_run(q, qi, k_cache, v_cache, ki_cache)
+        topk_idx = self._topk(qi, ki_cache)
+        out, lse = self._attend(q, k_cache, v_cache, topk_idx)
+        return (out, lse, topk_idx) if return_lse else (out, topk_idx)
+
+    def topk(self, qi, ki_cache):
+        """The Index Branch alone: ``topk_indices [Hkv, total_q, K]`` (the wrapper's buffer)."""
+        p = self._require_plan()
+        self._check_tensor("qi", qi, (p["total_q"], self.num_kv_heads, self.index_head_dim))
+        self._check_pool("ki_cache", ki_cache, (self.block_size, self.index_head_dim))
+        return self._topk(qi, ki_cache)
+
+    def _topk(self, qi, ki_cache):
+        p = self._plan
+        topk_idx = p["topk"]
+        if p["total_q"] == 0:
+            return topk_idx
+        kern = _kernels(p["device"])
+        hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
+        kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
+            qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
+            self.index_softmax_scale, nsplit,
+            qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
+            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
+            TOPK=topk, KPAD=kpad, DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
+            NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4, num_stages=3)
+        kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
+            p["cand"], p["cu_q"], p["kv_lens"], topk_idx, nsplit, topk_idx.stride(0), topk_idx.stride(1),
+            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
+            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=triton.next_power_of_2(nsplit), num_warps=4)
+        return topk_idx
+
+    def _attend(self, q, k_cache, v_cache, topk_idx):
+        p = self._plan
+        out, lse = p["out"], p["lse"]
+        total_q = p["total_q"]
+        if total_q == 0:
+            return out, lse
+        kern = _kernels(p["device"])
+        hkv, g, g_pad = self.num_kv_heads, self.num_heads // self.num_kv_heads, p["g_pad"]
+        bs, topk, asplit = self.block_size, self.topk, p["attn_splits"]
+        kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
+            q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
+            out, lse, p["part_o"], p["part_lse"],
+            self.softmax_scale * 1.4426950408889634, -(-topk // asplit), asplit, hkv,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            topk_idx.stride(0), topk_idx.stride(1), p["page_table"].stride(0),
+            out.stride(0), out.stride(1), lse.stride(0),
+            G=g, G_PAD=g_pad, BLOCK=bs, D=self.head_dim, TOPK=topk,
+            KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, IEEE=q.dtype == torch.float32,
+            num_warps=4, num_stages=2)
+        if asplit > 1:
+            kern["decode_attention_merge_kernel"][(total_q, hkv)](
+                p["part_o"], p["part_lse"], out, lse, asplit, hkv,
+                out.stride(0), out.stride(1), lse.stride(0),
+                G=g, G_PAD=g_pad, D=self.head_dim, NSPLIT_PAD=triton.next_power_of_2(asplit), num_warps=4)
+        return out, lse

@@ -1,0 +1,241 @@
+"""Triton kernels of paged MSA decode (spec sections 4, 5, 8): few query tokens per
+request (1 to 16: the main token plus draft tokens, each at its own causal position)
+against a long paged cache.
+
+Decode is memory-bound: the Index Branch must read every index key of the request
+(Di values per token) and the Main Branch reads K selected blocks per (token, group).
+With a small batch there are too few (request, group) pairs to fill the GPU, so both
+branches split their work across programs and merge afterwards (flash-decoding):
+
+``decode_topk_split_kernel``: program (request b, split s) scores the request's ROWS =
+q_tokens x Hkv index queries (all groups share the index keys: one read of each page
+serves them all) against the pages [s * pages_per_split, ...) of the request, and keeps a
+streaming per-row Top-(K-1) of the candidate blocks c < l(row) as int64 sort keys (the
+encoding of ``openmsa.ops.indexer.kernels``: ordered score << 32 | (0x7FFFFFFF - id), so a
+larger key is a higher score, ties to the smaller id, NaN below -inf).
+
+``decode_topk_merge_kernel``: program (request b, row) sorts the row's NSPLIT x KPAD
+candidate keys and writes the best min(K-1, l) block ids (score descending, ties to the
+smaller id: the spec's deterministic order), then the local block l, then -1. The global
+Top-(K-1) is within the union of the splits' Top-(K-1), so this is exact.
+
+``decode_attention_split_kernel``: program (query row t, group g, split s) runs the G heads
+of group g (one MMA tile of G_PAD rows) over the selected blocks of slots
+[s * slots_per_split, ...) of its Top-k list (duplicates and blocks past the causal
+position skipped), with an online softmax; it writes the normalised partial output and its
+LSE, or with one split the final output directly. ``decode_attention_merge_kernel``
+combines the splits.
+
+Block ids are LOGICAL page ids of the request (page size = block size B): block c of
+request b lives in physical page page_table[b, c] of the pools k_cache, v_cache
+[num_pages, B, Hkv, D] and ki_cache [num_pages, B, Di]. All offsets into the pools are
+int64 (num_pages * B * Hkv * D passes 2**31 at serving sizes).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..ops.indexer.kernels import _INT64_MAX, _NAN_ORD, _PAD_BASE, _max_nan
+
+
+@triton.jit
+def decode_topk_split_kernel(
+    QI, KI_CACHE, PAGE_TABLE, ROW_SEQ_START, KV_LENS, CAND, PAGES_PER_SPLIT,
+    scale, num_splits,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_pb,
+    HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    NSEL: tl.constexpr = TOPK - 1
+    # read from memory so that a captured CUDA graph follows a re-plan
+    pages_per_split = tl.load(PAGES_PER_SPLIT)
+    q0 = tl.load(ROW_SEQ_START + b)
+    nq = tl.load(ROW_SEQ_START + b + 1) - q0
+    kv_len = tl.load(KV_LENS + b)
+    r = tl.arange(0, ROWS)
+    i = r // HKV  # query token of the row
+    g = r % HKV  # its group
+    row_ok = (i < nq) & (i < QMAX)
+    pos = kv_len - nq + i
+    local = tl.where(row_ok, pos // BLOCK, 0)
+    d = tl.arange(0, DI)
+    qi = tl.load(QI + (q0 + i).to(tl.int64)[:, None] * stride_qt + g[:, None] * stride_qh + d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    col = tl.arange(0, KPAD)
+    keys = tl.where(col[None, :] < NSEL, _PAD_BASE + col[None, :].to(tl.int64),
+                    tl.full([ROWS, KPAD], _INT64_MAX, tl.int64))
+    kmin = tl.min(keys, axis=1)
+    # candidate blocks: c < l(row) for some row; the last row has the largest l
+    n_cand = tl.max(local, axis=0)
+    c0 = s * pages_per_split
+    c1 = tl.minimum(c0 + pages_per_split, n_cand)
+    jn = tl.arange(0, BLOCK)
+    for c in range(c0, c1):
+        page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + c).to(tl.int64)
+        kblk = tl.load(KI_CACHE + page * stride_kp + jn[:, None] * stride_kt + d[None, :])
+        z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
+        if NAN_MAX_REDUCE:
+            bmax = tl.reduce(z, 1, _max_nan)
+        else:
+            bmax = tl.max(z, axis=1)
+            bmax = tl.where(tl.sum((z != z).to(tl.int32), axis=1) > 0, float("nan"), bmax)
+        score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
+        score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
+        u = score.to(tl.int32, bitcast=True)
+        o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
+        o = tl.where(score != score, _NAN_ORD, o)
+        cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
+        ins = row_ok & (c < local) & (cand > kmin)
+        keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
+        kmin = tl.min(keys, axis=1)
+    base = ((b * num_splits + s).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
+    tl.store(CAND + base, keys)
+
+
+@triton.jit
+def decode_topk_merge_kernel(
+    CAND, ROW_SEQ_START, KV_LENS, TOPK_OUT, num_splits,
+    stride_ig, stride_it,
+    HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr, NSPLIT_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    NSEL: tl.constexpr = TOPK - 1
+    q0 = tl.load(ROW_SEQ_START + b)
+    nq = tl.load(ROW_SEQ_START + b + 1) - q0
+    i = r // HKV
+    g = r % HKV
+    if (i < nq) & (i < QMAX):
+        kv_len = tl.load(KV_LENS + b)
+        local = (kv_len - nq + i) // BLOCK
+        t = (q0 + i).to(tl.int64)
+        out = TOPK_OUT + g.to(tl.int64) * stride_ig + t * stride_it
+        ocol = tl.arange(0, KOUT)
+        n_sel = tl.minimum(local, NSEL)
+        if NSEL > 0:
+            sp = tl.arange(0, NSPLIT_PAD)
+            col = tl.arange(0, KPAD)
+            idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
+            keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
+                           other=_PAD_BASE)
+            keys = tl.sort(tl.reshape(keys, (NSPLIT_PAD * KPAD,)), 0, descending=True)
+            # Triton has no slicing: the best KPAD keys are row 0 of the sorted keys viewed
+            # as [NSPLIT_PAD, KPAD] (masked sums with one non-zero term are exact), and
+            # output column k < n_sel takes the k-th of them.
+            top = tl.sum(tl.where(sp[:, None] == 0, tl.reshape(keys, (NSPLIT_PAD, KPAD)), 0), 0)
+            pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
+            sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
+            ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
+            row = tl.where(ocol < n_sel, ids, tl.where(ocol == n_sel, local, -1))
+        else:
+            row = tl.where(ocol == 0, local, -1)
+        tl.store(out + ocol, row.to(tl.int32), mask=ocol < TOPK)
+
+
+@triton.jit
+def decode_attention_split_kernel(
+    Q, K_CACHE, V_CACHE, TOPK_IDX, PAGE_TABLE, ROW_SEQ, ROW_POS, KV_LENS,
+    OUT, LSE, PART_O, PART_LSE,
+    scale_log2, slots_per_split, num_splits, num_groups,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_ig, stride_it, stride_pb, stride_ot, stride_oh, stride_lt,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    TOPK: tl.constexpr, KPAD: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    b = tl.load(ROW_SEQ + t)
+    pos = tl.load(ROW_POS + t)
+    kv_len = tl.load(KV_LENS + b)
+    nblk = (kv_len + BLOCK - 1) // BLOCK
+    h = tl.arange(0, G_PAD)
+    h_ok = h < G
+    d = tl.arange(0, D)
+    head = (g * G + h).to(tl.int64)
+    q = tl.load(Q + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=h_ok[:, None], other=0.0)
+    idx_row = TOPK_IDX + g.to(tl.int64) * stride_ig + t.to(tl.int64) * stride_it
+    col = tl.arange(0, KPAD)
+    ids = tl.load(idx_row + col, mask=col < TOPK, other=-1)
+    jn = tl.arange(0, BLOCK)
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    k0 = s * slots_per_split
+    k1 = tl.minimum(k0 + slots_per_split, TOPK)
+    for slot in range(k0, k1):
+        c = tl.load(idx_row + slot)
+        # the token set is a set: a slot repeating an earlier slot's block adds nothing
+        dup = tl.sum(((ids == c) & (col < slot)).to(tl.int32), 0) > 0
+        if (c >= 0) & (c < nblk) & (c * BLOCK <= pos) & (dup == 0):
+            page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + c).to(tl.int64)
+            kt = tl.load(K_CACHE + page * stride_kp + jn[:, None] * stride_kt + g * stride_kh + d[None, :])
+            vt = tl.load(V_CACHE + page * stride_vp + jn[:, None] * stride_vt + g * stride_vh + d[None, :])
+            if IEEE:
+                sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(kt))
+            j = c * BLOCK + jn
+            sc = tl.where(((j <= pos) & (j < kv_len))[None, :], sc * scale_log2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp2(m - m_new)  # m_new is finite: the block's first key is visible
+            p = tl.exp2(sc - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if SPLIT:
+        prow = ((t.to(tl.int64) * num_groups + g) * num_splits + s) * G_PAD + h
+        tl.store(PART_O + prow[:, None] * D + d[None, :], o)
+        tl.store(PART_LSE + prow, lse)
+    else:
+        tl.store(OUT + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(LSE + t.to(tl.int64) * stride_lt + head, lse, mask=h_ok)
+
+
+@triton.jit
+def decode_attention_merge_kernel(
+    PART_O, PART_LSE, OUT, LSE, num_splits, num_groups,
+    stride_ot, stride_oh, stride_lt,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, NSPLIT_PAD: tl.constexpr,
+):
+    """out[t, heads of g] = the splits' partial outputs weighted by exp(lse_s - lse)."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    sp = tl.arange(0, NSPLIT_PAD)
+    base = (t.to(tl.int64) * num_groups + g) * num_splits
+    prow = (base + sp)[:, None] * G_PAD + h[None, :]  # [NSPLIT_PAD, G_PAD]
+    sp_ok = (sp < num_splits)[:, None]
+    lse_s = tl.load(PART_LSE + prow, mask=sp_ok, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_safe[None, :])  # 0 for empty splits
+    den = tl.sum(w, 0)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s in range(0, num_splits):
+        ws = tl.sum(tl.where(sp[:, None] == s, w, 0.0), 0)  # [G_PAD]
+        po = tl.load(PART_O + ((base + s) * G_PAD + h)[:, None] * D + d[None, :])
+        acc += ws[:, None] * po
+    den_safe = tl.where(den > 0, den, 1.0)
+    out = acc / den_safe[:, None]
+    lse = tl.where(den > 0, mx_safe + tl.log(den_safe), float("-inf"))
+    h_ok = h < G
+    head = (g * G + h).to(tl.int64)
+    tl.store(OUT + t.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(LSE + t.to(tl.int64) * stride_lt + head, lse, mask=h_ok)

@@ -1,0 +1,208 @@
+"""Paged MSA decode (openmsa.serving.decode) against the non-paged reference.
+
+The pools hold the requests' pages in shuffled physical order; the reference gathers them
+back into packed sequences and runs the PyTorch reference ops (indexer with
+deterministic=True: the decode indexer writes the spec's deterministic order). On a CPU
+the kernels run under Triton's interpreter (float32/float16; the interpreter's bfloat16
+dot is wrong); with a GPU the `gpu` tests run the realistic configuration in bf16.
+
+Tolerances: the Top-k indices must be equal; out/lse relative error norms: float32
+1e-5 (both sides float32 math), float16/bfloat16 1e-2 (P rounded to the input dtype
+for the P V product, as in every flash-style kernel).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import openmsa  # noqa: E402
+from openmsa.serving.decode import MSADecodeWrapper  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_paged(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen, device=DEV, spare_pages=3):
+    """Random pools with each request's pages at shuffled physical pages."""
+    batch = len(kv_lens)
+    max_pages = max([-(-n // bs) for n in kv_lens] + [1]) + 1
+    num_pages = batch * max_pages + spare_pages
+    perm = torch.randperm(num_pages, generator=gen)
+    page_table = perm[:batch * max_pages].view(batch, max_pages).to(torch.int32)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(dtype)
+    k_cache, v_cache = rnd(num_pages, bs, hkv, d), rnd(num_pages, bs, hkv, d)
+    ki_cache = rnd(num_pages, bs, di)
+    tq = sum(qlens)
+    q, qi = rnd(tq, hq, d), rnd(tq, hkv, di)
+    cu_q = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    kv = torch.tensor(kv_lens, dtype=torch.int32)
+    to = (lambda x: x.to(device))
+    return tuple(map(to, (q, qi, k_cache, v_cache, ki_cache, cu_q, kv, page_table)))
+
+
+def reference(q, qi, k_cache, v_cache, ki_cache, cu_q, kv_lens, page_table, bs, topk):
+    ks, vs, kis = [], [], []
+    for b, n in enumerate(kv_lens.tolist()):
+        pages = page_table[b, :-(-n // bs)].long()
+        ks.append(k_cache[pages].flatten(0, 1)[:n])
+        vs.append(v_cache[pages].flatten(0, 1)[:n])
+        kis.append(ki_cache[pages].flatten(0, 1)[:n, None])
+    k, v, ki = torch.cat(ks), torch.cat(vs), torch.cat(kis)
+    cu_k = torch.cat([kv_lens.new_zeros(1), kv_lens.cumsum(0)]).to(torch.int32)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=bs, topk=topk,
+                                  deterministic=True, backend="reference")
+    out, lse = openmsa.sparse_attention(q, k, v, idx, cu_q, cu_k, block_size=bs, backend="reference")
+    return out, lse, idx
+
+
+def check(kv_lens, qlens, hq=8, hkv=2, d=32, di=32, bs=16, topk=3, dtype=torch.float32, seed=0,
+          tol=None, **plan_kw):
+    gen = torch.Generator().manual_seed(seed)
+    args = make_paged(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen)
+    q, qi, k_cache, v_cache, ki_cache, cu_q, kv, page_table = args
+    w = MSADecodeWrapper(hq, hkv, d, di, block_size=bs, topk=topk)
+    w.plan(cu_q, kv, page_table, dtype=dtype, **plan_kw)
+    out, lse, idx = w.run(q, qi, k_cache, v_cache, ki_cache, return_lse=True)
+    ref_out, ref_lse, ref_idx = reference(*args, bs, topk)
+    assert torch.equal(idx, ref_idx)
+    tol = tol or (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel(out, ref_out) <= tol
+    assert rel(lse, ref_lse) <= 1e-5
+    return w
+
+
+CASES = [
+    # kv_lens, qlens, hq, hkv, topk, plan overrides
+    ([70, 33, 16], [1, 2, 3], 8, 2, 3, {}),  # mixed lengths, a request of one page
+    ([200, 5], [8, 1], 8, 2, 4, {}),  # 8 draft tokens; a request shorter than a page
+    ([160], [16], 8, 2, 5, {}),  # 16 query tokens, exact page multiple
+    ([100, 40, 64], [0, 4, 1], 8, 2, 3, {}),  # a request without queries this step
+    ([48], [2], 4, 4, 8, {}),  # G = 1; K >= number of blocks
+    ([64, 20], [1, 1], 12, 4, 16, {}),  # G = 3 (padded heads), K = 16 > blocks
+    ([90, 31], [1, 2], 32, 2, 3, {}),  # G = 16
+    ([300, 77, 16], [1, 3, 2], 8, 2, 5, dict(attention_splits=2, index_splits=1)),
+    ([300, 77], [2, 1], 8, 2, 5, dict(attention_splits=5, index_splits=64)),
+    ([200], [1], 8, 2, 1, dict(attention_splits=1, index_splits=3)),  # K = 1: local block only
+]
+
+
+@pytest.mark.parametrize("kv_lens,qlens,hq,hkv,topk,plan_kw", CASES)
+def test_decode_matches_reference(kv_lens, qlens, hq, hkv, topk, plan_kw):
+    check(kv_lens, qlens, hq=hq, hkv=hkv, topk=topk, seed=sum(kv_lens), **plan_kw)
+
+
+def test_decode_float16():
+    check([130, 47], [2, 1], dtype=torch.float16, topk=4, seed=5, attention_splits=2)
+
+
+def test_ties_go_to_the_smaller_block_id():
+    """Pages with identical index keys give equal block scores: the selection (and its
+    order) must follow the ids, like the reference."""
+    gen = torch.Generator().manual_seed(11)
+    bs, topk = 16, 4
+    args = list(make_paged([160, 96], [1, 2], 8, 2, 32, 32, bs, torch.float32, gen))
+    ki_cache, page_table = args[4], args[7]
+    for b in range(2):  # every page of the request holds the same index keys
+        first = page_table[b, 0].long()
+        ki_cache[page_table[b, :-(-[160, 96][b] // bs)].long()] = ki_cache[first].clone()
+    w = MSADecodeWrapper(8, 2, 32, 32, block_size=bs, topk=topk)
+    w.plan(args[5], args[6], page_table, dtype=torch.float32, index_splits=3)
+    _, idx = w.run(*args[:5])
+    _, _, ref_idx = reference(*args, bs, topk)
+    assert torch.equal(idx, ref_idx)
+    assert idx[0, 0].tolist() == [0, 1, 2, 9]  # ties: smallest ids first, then the local block
+
+
+def test_replan_reuses_buffers_for_the_same_shapes():
+    gen = torch.Generator().manual_seed(3)
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged([100, 60], [2, 1], 8, 2, 32, 32, 16, torch.float32, gen)
+    w = MSADecodeWrapper(8, 2, 32, 32, block_size=16, topk=3)
+    w.plan(cu_q, kv, pt, dtype=torch.float32)
+    out1, _ = w.run(q, qi, kc, vc, kic)
+    ptr = out1.data_ptr()
+    kv2 = torch.tensor([90, 75], dtype=torch.int32, device=DEV)
+    w.plan(cu_q, kv2, pt, dtype=torch.float32)
+    out2, lse2, idx2 = w.run(q, qi, kc, vc, kic, return_lse=True)
+    assert out2.data_ptr() == ptr
+    ref_out, ref_lse, ref_idx = reference(q, qi, kc, vc, kic, cu_q, kv2, pt, 16, 3)
+    assert torch.equal(idx2, ref_idx) and rel(out2, ref_out) <= 1e-5
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int64)), "cu_seqlens_q must be int32"),
+    (dict(kv_lens=torch.tensor([0], dtype=torch.int32)), "kv_lens\\[0\\] = 0 is smaller"),
+    (dict(cu_seqlens_q=torch.tensor([0, 17], dtype=torch.int32)), "max_q_per_request"),
+    (dict(kv_lens=torch.tensor([1000], dtype=torch.int32)), "needs 63 pages"),
+    (dict(page_table=torch.zeros(2, 4, dtype=torch.int32)), "page_table must have batch"),
+])
+def test_plan_rejects_bad_metadata(kw, err):
+    w = MSADecodeWrapper(8, 2, 32, 32, block_size=16, topk=3)
+    args = dict(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32),
+                kv_lens=torch.tensor([20], dtype=torch.int32),
+                page_table=torch.zeros(1, 4, dtype=torch.int32))
+    args.update(kw)
+    with pytest.raises((ValueError, TypeError), match=err):
+        w.plan(**args, dtype=torch.float32)
+
+
+def test_run_rejects_bad_tensors():
+    gen = torch.Generator().manual_seed(4)
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged([40], [1], 8, 2, 32, 32, 16, torch.float32, gen)
+    w = MSADecodeWrapper(8, 2, 32, 32, block_size=16, topk=3)
+    with pytest.raises(RuntimeError, match="plan"):
+        w.run(q, qi, kc, vc, kic)
+    w.plan(cu_q, kv, pt, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q must have shape"):
+        w.run(q[:, :4], qi, kc, vc, kic)
+    with pytest.raises(ValueError, match="ki_cache must have shape"):
+        w.run(q, qi, kc, vc, kic[:, :8])
+    with pytest.raises(TypeError, match="planned dtype"):
+        w.run(q.half(), qi, kc, vc, kic)
+    with pytest.raises(ValueError, match="num_heads"):
+        MSADecodeWrapper(6, 4, 32, 32)
+    with pytest.raises(ValueError, match="block_size"):
+        MSADecodeWrapper(8, 2, 32, 32, block_size=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kv_lens,qlens", [([8192, 20000, 130], [1, 1, 1]), ([32768, 5000], [8, 16])])
+def test_gpu_realistic_bf16(kv_lens, qlens):
+    check(kv_lens, qlens, hq=64, hkv=4, d=128, di=128, bs=128, topk=16, dtype=torch.bfloat16, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_replays_in_a_cuda_graph():
+    """run() captured once; plan() with new lengths (same shapes) and new query values,
+    then a replay gives the reference's results."""
+    hq, hkv, d, bs, topk = 64, 4, 128, 128, 16
+    gen = torch.Generator().manual_seed(2)
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged([5000, 9000], [1, 8], hq, hkv, d, d, bs,
+                                                  torch.bfloat16, gen)
+    w = MSADecodeWrapper(hq, hkv, d, d, block_size=bs, topk=topk)
+    w.plan(cu_q, kv, pt)
+    w.run(q, qi, kc, vc, kic)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse, idx = w.run(q, qi, kc, vc, kic, return_lse=True)
+    kv2 = torch.tensor([7000, 6500], dtype=torch.int32, device=DEV)
+    w.plan(cu_q, kv2, pt)
+    q.copy_(torch.randn(q.shape, generator=gen).to(q))
+    qi.copy_(torch.randn(qi.shape, generator=gen).to(qi))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse, ref_idx = reference(q, qi, kc, vc, kic, cu_q, kv2, pt, bs, topk)
+    assert torch.equal(idx, ref_idx)
+    assert rel(out, ref_out) <= 1e-2 and rel(lse, ref_lse) <= 1e-5
