@@ -182,7 +182,7 @@ class MSADecodeWrapper:
     # ------------------------------------------------------------------- run
     def _require_plan(self):
         if self._plan is None:
-            raise RuntimeError("MSADecodeWrapper: call plan() before run() / topk()")
+            raise RuntimeError("MSADecodeWrapper: call plan() before run() / run_index()")
         return self._plan
 
     def _check_tensor(self, name, x, shape):
@@ -227,7 +227,7 @@ class MSADecodeWrapper:
         out, lse = self._attend(q, k_cache, v_cache, topk_idx)
         return (out, lse, topk_idx) if return_lse else (out, topk_idx)
 
-    def topk(self, qi, ki_cache):
+    def run_index(self, qi, ki_cache):
         """The Index Branch alone: ``topk_indices [Hkv, total_q, K]`` (the wrapper's buffer)."""
         p = self._require_plan()
         self._check_tensor("qi", qi, (p["total_q"], self.num_kv_heads, self.index_head_dim))
