@@ -1,0 +1,22 @@
+"""Serving building blocks (spec section 8): the paged KV + index-key cache, the append
+op that writes a step's new tokens into it, and exact paged references.
+
+Layout (see ``cache.py``): page size = block size B; ``k_cache, v_cache
+[num_pages, page_size, Hkv, D]`` and ``ki_cache [num_pages, page_size, Di]``;
+``page_table`` int32 ``[batch, max_pages]`` maps a request's logical pages (= its block
+ids, which ``topk_indices`` hold) to physical pages; ``kv_lens`` int32 ``[batch]``.
+A step's queries are the last Lq cached positions of their request.
+
+Not imported by ``openmsa/__init__.py``: import ``openmsa.serving`` explicitly.
+"""
+
+from .cache import PagedMSACache, append_paged_kv, check_pools, slot_mapping
+from .reference import (
+    gather_paged, paged_indexer_topk_reference, paged_msa_reference,
+    paged_sparse_attention_reference,
+)
+
+__all__ = [
+    "PagedMSACache", "slot_mapping", "append_paged_kv", "check_pools", "gather_paged",
+    "paged_indexer_topk_reference", "paged_sparse_attention_reference", "paged_msa_reference",
+]
