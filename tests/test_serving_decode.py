@@ -101,6 +101,13 @@ def test_decode_matches_reference(kv_lens, qlens, hq, hkv, topk, plan_kw):
     check(kv_lens, qlens, hq=hq, hkv=hkv, topk=topk, seed=sum(kv_lens), **plan_kw)
 
 
+@pytest.mark.parametrize("pages", ["1", "4"])
+def test_index_scan_pages_per_iteration(pages, monkeypatch):
+    """The scan reads PAGES pages per step; a split's page count need not divide by it."""
+    monkeypatch.setenv("OPENMSA_DECODE_INDEX_PAGES", pages)
+    check([300, 77, 16], [1, 3, 2], topk=5, seed=9, index_splits=3, attention_splits=2)
+
+
 def test_decode_float16():
     check([130, 47], [2, 1], dtype=torch.float16, topk=4, seed=5, attention_splits=2)
 

@@ -31,6 +31,7 @@ section 4); serving needs no index LSE, so none is computed.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -39,7 +40,7 @@ from .. import _backend
 
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
-_MAX_INDEX_SPLITS = 64  # the merge sorts NSPLIT_PAD x KPAD keys per row in one program
+_MAX_INDEX_SPLITS = 256  # the merge sorts NSPLIT_PAD x KPAD keys per row in one program
 
 
 def _kernels(device: torch.device) -> dict:
@@ -246,12 +247,15 @@ class MSADecodeWrapper:
             self.index_softmax_scale, nsplit,
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-            NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4, num_stages=3)
+            TOPK=topk, KPAD=kpad, PAGES=int(os.environ.get("OPENMSA_DECODE_INDEX_PAGES", 2)),
+            DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
+            NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4,
+            num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
         kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
             p["cand"], p["cu_q"], p["kv_lens"], topk_idx, nsplit, topk_idx.stride(0), topk_idx.stride(1),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
-            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=triton.next_power_of_2(nsplit), num_warps=4)
+            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=triton.next_power_of_2(nsplit),
+            LOG2_NSPLIT=triton.next_power_of_2(nsplit).bit_length() - 1, num_warps=4)
         return topk_idx
 
     def _attend(self, q, k_cache, v_cache, topk_idx):

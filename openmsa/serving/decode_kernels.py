@@ -14,8 +14,9 @@ streaming per-row Top-(K-1) of the candidate blocks c < l(row) as int64 sort key
 encoding of ``openmsa.ops.indexer.kernels``: ordered score << 32 | (0x7FFFFFFF - id), so a
 larger key is a higher score, ties to the smaller id, NaN below -inf).
 
-``decode_topk_merge_kernel``: program (request b, row) sorts the row's NSPLIT x KPAD
-candidate keys and writes the best min(K-1, l) block ids (score descending, ties to the
+``decode_topk_merge_kernel``: program (request b, row) merges the splits' sorted
+candidate lists pairwise (a tree of log2(NSPLIT) merges) and writes the best min(K-1, l)
+block ids (score descending, ties to the
 smaller id: the spec's deterministic order), then the local block l, then -1. The global
 Top-(K-1) is within the union of the splits' Top-(K-1), so this is exact.
 
@@ -46,7 +47,7 @@ def decode_topk_split_kernel(
     scale, num_splits,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_pb,
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
+    DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -74,25 +75,43 @@ def decode_topk_split_kernel(
     n_cand = tl.max(local, axis=0)
     c0 = s * pages_per_split
     c1 = tl.minimum(c0 + pages_per_split, n_cand)
-    jn = tl.arange(0, BLOCK)
-    for c in range(c0, c1):
-        page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + c).to(tl.int64)
-        kblk = tl.load(KI_CACHE + page * stride_kp + jn[:, None] * stride_kt + d[None, :])
+    # PAGES pages per iteration: one [ROWS, PAGES * B] dot and more bytes in flight per
+    # program (the scan is memory-bound; a small batch has few programs)
+    jj = tl.arange(0, PAGES * BLOCK)
+    pg = tl.arange(0, PAGES)
+    for cb in range(c0, c1, PAGES):
+        cpage = cb + jj // BLOCK
+        page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + cpage, mask=cpage < c1, other=0).to(tl.int64)
+        kblk = tl.load(KI_CACHE + page[:, None] * stride_kp + (jj % BLOCK)[:, None] * stride_kt + d[None, :],
+                       mask=(cpage < c1)[:, None], other=0.0)
         z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
+        z3 = tl.reshape(z, (ROWS, PAGES, BLOCK))
         if NAN_MAX_REDUCE:
-            bmax = tl.reduce(z, 1, _max_nan)
+            bmax_all = tl.reduce(z3, 2, _max_nan)
         else:
-            bmax = tl.max(z, axis=1)
-            bmax = tl.where(tl.sum((z != z).to(tl.int32), axis=1) > 0, float("nan"), bmax)
-        score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
-        score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
-        u = score.to(tl.int32, bitcast=True)
-        o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
-        o = tl.where(score != score, _NAN_ORD, o)
-        cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
-        ins = row_ok & (c < local) & (cand > kmin)
-        keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
-        kmin = tl.min(keys, axis=1)
+            bmax_all = tl.max(z3, axis=2)
+            bmax_all = tl.where(tl.sum((z3 != z3).to(tl.int32), axis=2) > 0, float("nan"), bmax_all)
+        for pi in tl.static_range(PAGES):
+            c = cb + pi
+            if PAGES == 1:
+                bmax = tl.reshape(bmax_all, (ROWS,))
+            else:
+                # column pi (a masked sum with one term; NaN kept by the where)
+                bmax = tl.sum(tl.where(pg[None, :] == pi, bmax_all, 0.0), 1)
+                bmax = tl.where(tl.sum(tl.where(pg[None, :] == pi, (bmax_all != bmax_all).to(tl.int32), 0), 1) > 0,
+                                float("nan"), bmax)
+            score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
+            score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
+            u = score.to(tl.int32, bitcast=True)
+            o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
+            o = tl.where(score != score, _NAN_ORD, o)
+            cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
+            ins = row_ok & (c < local) & (c < c1) & (cand > kmin)
+            keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
+            kmin = tl.min(keys, axis=1)
+    # sorted lists (best first) let the merge combine two lists with one max and one sort
+    keys = tl.where(col[None, :] < NSEL, keys, _PAD_BASE)
+    keys = tl.sort(keys, 1, descending=True)
     base = ((b * num_splits + s).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
     tl.store(CAND + base, keys)
 
@@ -103,6 +122,7 @@ def decode_topk_merge_kernel(
     stride_ig, stride_it,
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr, NSPLIT_PAD: tl.constexpr,
+    LOG2_NSPLIT: tl.constexpr,
 ):
     b = tl.program_id(0)
     r = tl.program_id(1)
@@ -124,11 +144,15 @@ def decode_topk_merge_kernel(
             idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
             keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
                            other=_PAD_BASE)
-            keys = tl.sort(tl.reshape(keys, (NSPLIT_PAD * KPAD,)), 0, descending=True)
-            # Triton has no slicing: the best KPAD keys are row 0 of the sorted keys viewed
-            # as [NSPLIT_PAD, KPAD] (masked sums with one non-zero term are exact), and
-            # output column k < n_sel takes the k-th of them.
-            top = tl.sum(tl.where(sp[:, None] == 0, tl.reshape(keys, (NSPLIT_PAD, KPAD)), 0), 0)
+            # Each split's list is sorted (best first). For two such lists a, b of length
+            # KPAD, max(a, reversed b) holds the best KPAD keys of their union (keys are
+            # distinct or padding); sorting it gives the merged list. A tree of such
+            # merges costs log2(NSPLIT_PAD) small sorts instead of one sort of all keys.
+            for lvl in tl.static_range(LOG2_NSPLIT):
+                pair = tl.permute(tl.reshape(keys, (NSPLIT_PAD >> (lvl + 1), 2, KPAD)), (0, 2, 1))
+                first, second = tl.split(pair)
+                keys = tl.sort(tl.maximum(first, tl.flip(second, 1)), 1, descending=True)
+            top = tl.reshape(keys, (KPAD,))
             pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
             sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
             ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
