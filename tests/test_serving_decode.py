@@ -91,7 +91,8 @@ CASES = [
     ([64, 20], [1, 1], 12, 4, 16, {}),  # G = 3 (padded heads), K = 16 > blocks
     ([90, 31], [1, 2], 32, 2, 3, {}),  # G = 16
     ([300, 77, 16], [1, 3, 2], 8, 2, 5, dict(attention_splits=2, index_splits=1)),
-    ([300, 77], [2, 1], 8, 2, 5, dict(attention_splits=5, index_splits=64)),
+    ([300, 77], [2, 1], 8, 2, 5, dict(attention_splits=5, index_splits=64)),  # two merge levels
+    ([2000, 77], [1, 2], 8, 2, 5, dict(attention_splits=4, index_splits=37)),  # partial last group
     ([200], [1], 8, 2, 1, dict(attention_splits=1, index_splits=3)),  # K = 1: local block only
 ]
 

@@ -38,9 +38,10 @@ import triton
 
 from .. import _backend
 
-_KERNELS = ("decode_topk_split_kernel", "decode_topk_merge_kernel",
+_KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
-_MAX_INDEX_SPLITS = 256  # the merge sorts NSPLIT_PAD x KPAD keys per row in one program
+_MAX_INDEX_SPLITS = 256
+_MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
 
 
 def _kernels(device: torch.device) -> dict:
@@ -163,6 +164,8 @@ class MSADecodeWrapper:
                      row_pos=torch.empty(total_q, dtype=torch.int32, device=device),
                      pages_per_split=torch.empty(1, dtype=torch.int32, device=device),
                      cand=torch.empty((batch * idx_splits * rows * kpad,), dtype=torch.int64, device=device),
+                     cand2=torch.empty((batch * -(-idx_splits // _MERGE_GROUP) * rows * kpad,),
+                                       dtype=torch.int64, device=device),
                      topk=torch.empty((hkv, total_q, self.topk), dtype=torch.int32, device=device),
                      out=torch.empty((total_q, self.num_heads, self.head_dim), dtype=dtype, device=device),
                      lse=torch.empty((total_q, self.num_heads), dtype=torch.float32, device=device),
@@ -251,11 +254,20 @@ class MSADecodeWrapper:
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4,
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
+        cand, nlists = p["cand"], nsplit
+        if nsplit > _MERGE_GROUP:
+            ngroups = -(-nsplit // _MERGE_GROUP)
+            kern["decode_topk_reduce_kernel"][(p["batch"], p["rows"], ngroups)](
+                cand, p["cand2"], p["cu_q"], nsplit, ngroups,
+                HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], TOPK=topk, KPAD=kpad,
+                GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1, num_warps=4)
+            cand, nlists = p["cand2"], ngroups
+        npad = triton.next_power_of_2(nlists)
         kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
-            p["cand"], p["cu_q"], p["kv_lens"], topk_idx, nsplit, topk_idx.stride(0), topk_idx.stride(1),
+            cand, p["cu_q"], p["kv_lens"], topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
-            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=triton.next_power_of_2(nsplit),
-            LOG2_NSPLIT=triton.next_power_of_2(nsplit).bit_length() - 1, num_warps=4)
+            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1,
+            num_warps=4)
         return topk_idx
 
     def _attend(self, q, k_cache, v_cache, topk_idx):

@@ -117,6 +117,46 @@ def decode_topk_split_kernel(
 
 
 @triton.jit
+def _merge_sorted_lists(keys, NLISTS: tl.constexpr, LOG2: tl.constexpr, KPAD: tl.constexpr):
+    """[NLISTS, KPAD] lists sorted best first -> the best KPAD keys of all, sorted [KPAD].
+    For two sorted lists a, b, max(a, reversed b) holds the best KPAD keys of their union
+    (keys are distinct, or padding below every real key); sorting it gives the merged
+    list. A tree of such merges costs log2(NLISTS) small sorts instead of one sort of
+    all keys."""
+    for lvl in tl.static_range(LOG2):
+        pair = tl.permute(tl.reshape(keys, (NLISTS >> (lvl + 1), 2, KPAD)), (0, 2, 1))
+        first, second = tl.split(pair)
+        keys = tl.sort(tl.maximum(first, tl.flip(second, 1)), 1, descending=True)
+    return tl.reshape(keys, (KPAD,))
+
+
+@triton.jit
+def decode_topk_reduce_kernel(
+    CAND, CAND_OUT, ROW_SEQ_START, num_splits, num_groups,
+    HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
+    KPAD: tl.constexpr, GROUP: tl.constexpr, LOG2_GROUP: tl.constexpr,
+):
+    """First merge level when there are many splits: program (request b, row r, group j)
+    merges the sorted lists of splits [j * GROUP, (j + 1) * GROUP) into one sorted list,
+    so that the final merge (one program per row) reads num_groups lists, not num_splits."""
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    j = tl.program_id(2)
+    NSEL: tl.constexpr = TOPK - 1
+    q0 = tl.load(ROW_SEQ_START + b)
+    nq = tl.load(ROW_SEQ_START + b + 1) - q0
+    i = r // HKV
+    if (i < nq) & (i < QMAX):
+        sp = j * GROUP + tl.arange(0, GROUP)
+        col = tl.arange(0, KPAD)
+        idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
+        keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
+                       other=_PAD_BASE)
+        top = _merge_sorted_lists(keys, GROUP, LOG2_GROUP, KPAD)
+        tl.store(CAND_OUT + ((b * num_groups + j).to(tl.int64) * ROWS + r) * KPAD + col, top)
+
+
+@triton.jit
 def decode_topk_merge_kernel(
     CAND, ROW_SEQ_START, KV_LENS, TOPK_OUT, num_splits,
     stride_ig, stride_it,
@@ -144,15 +184,7 @@ def decode_topk_merge_kernel(
             idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
             keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
                            other=_PAD_BASE)
-            # Each split's list is sorted (best first). For two such lists a, b of length
-            # KPAD, max(a, reversed b) holds the best KPAD keys of their union (keys are
-            # distinct or padding); sorting it gives the merged list. A tree of such
-            # merges costs log2(NSPLIT_PAD) small sorts instead of one sort of all keys.
-            for lvl in tl.static_range(LOG2_NSPLIT):
-                pair = tl.permute(tl.reshape(keys, (NSPLIT_PAD >> (lvl + 1), 2, KPAD)), (0, 2, 1))
-                first, second = tl.split(pair)
-                keys = tl.sort(tl.maximum(first, tl.flip(second, 1)), 1, descending=True)
-            top = tl.reshape(keys, (KPAD,))
+            top = _merge_sorted_lists(keys, NSPLIT_PAD, LOG2_NSPLIT, KPAD)
             pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
             sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
             ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
