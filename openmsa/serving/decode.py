@@ -238,6 +238,16 @@ class MSADecodeWrapper:
         self._check_pool("ki_cache", ki_cache, (self.block_size, self.index_head_dim))
         return self._topk(qi, ki_cache)
 
+    @staticmethod
+    def _index_pages(rows: int) -> int:
+        """Index-key pages per scan step: 2 for up to 16 rows (more bytes in flight for the
+        few programs of a small batch: 1M tokens, batch 1, H100: 110 vs 112 us with 128
+        splits), 1 for more rows (register pressure: 128K, batch 64, 8 tokens: 1014 us
+        with 1 page, 1321 with 2; benchmarks/results/h100/decode/sweeps/).
+        OPENMSA_DECODE_INDEX_PAGES overrides."""
+        env = os.environ.get("OPENMSA_DECODE_INDEX_PAGES")
+        return int(env) if env else (2 if rows <= 16 else 1)
+
     def _topk(self, qi, ki_cache):
         p = self._plan
         topk_idx = p["topk"]
@@ -250,7 +260,7 @@ class MSADecodeWrapper:
             self.index_softmax_scale, nsplit,
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, PAGES=int(os.environ.get("OPENMSA_DECODE_INDEX_PAGES", 2)),
+            TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"]),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4,
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
