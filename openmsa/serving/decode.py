@@ -30,13 +30,13 @@ section 4); serving needs no index LSE, so none is computed.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 
 from .. import _backend
+from ._plan import check_int, check_step_metadata, check_wrapper_config
 
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
@@ -55,12 +55,6 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 class MSADecodeWrapper:
     """Paged MSA decode (Index Branch Top-k + sparse attention) for a batch of requests
     with 1 to ``max_q_per_request`` query tokens each. See the module docstring."""
@@ -68,25 +62,9 @@ class MSADecodeWrapper:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, index_head_dim: int, *,
                  block_size: int = 128, topk: int = 16, softmax_scale: float | None = None,
                  index_softmax_scale: float | None = None, max_q_per_request: int = 16):
-        self.num_heads = _int("num_heads", num_heads)
-        self.num_kv_heads = _int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.head_dim = _int("head_dim", head_dim)
-        self.index_head_dim = _int("index_head_dim", index_head_dim)
-        for name, v in (("head_dim", head_dim), ("index_head_dim", index_head_dim)):
-            if v not in (16, 32, 64, 128, 256):
-                raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {v}")
-        self.block_size = _int("block_size", block_size)
-        if block_size not in (16, 32, 64, 128):
-            raise ValueError(f"block_size must be 16, 32, 64 or 128 (the page size), got {block_size}")
-        self.topk = _int("topk", topk)
-        if topk > 64:
-            raise ValueError(f"topk must be at most 64, got {topk}")
-        self.max_q_per_request = _int("max_q_per_request", max_q_per_request)
-        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-        self.index_softmax_scale = (1.0 / math.sqrt(index_head_dim) if index_softmax_scale is None
-                                    else float(index_softmax_scale))
+        check_wrapper_config(self, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk,
+                             softmax_scale, index_softmax_scale)
+        self.max_q_per_request = check_int("max_q_per_request", max_q_per_request)
         self._plan = None
 
     # ------------------------------------------------------------------ plan
@@ -98,39 +76,10 @@ class MSADecodeWrapper:
         keys, at most 64) and ``attention_splits`` (programs per (query, group) sharing its
         K selected blocks, at most K) override the defaults, which aim at two programs per
         SM."""
-        for name, x, dim in (("cu_seqlens_q", cu_seqlens_q, 1), ("kv_lens", kv_lens, 1),
-                             ("page_table", page_table, 2)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dtype != torch.int32:
-                raise TypeError(f"{name} must be int32, got {x.dtype}")
-            if x.dim() != dim:
-                raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(x.shape)}")
-        batch = kv_lens.numel()
-        if cu_seqlens_q.numel() != batch + 1:
-            raise ValueError(f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.numel()}")
-        if page_table.shape[0] != batch:
-            raise ValueError(f"page_table must have batch = {batch} rows, got {page_table.shape[0]}")
-        device = page_table.device
-        if cu_seqlens_q.device != device or kv_lens.device != device:
-            raise ValueError("cu_seqlens_q, kv_lens and page_table must be on the same device")
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-        cu = cu_seqlens_q.cpu().tolist()
-        lens = kv_lens.cpu().tolist()
-        qlens = [cu[i + 1] - cu[i] for i in range(batch)]
-        if cu[0] != 0 or any(n < 0 for n in qlens):
-            raise ValueError(f"cu_seqlens_q must start at 0 and be non-decreasing, got {cu}")
-        if any(n > self.max_q_per_request for n in qlens):
-            raise ValueError(f"cu_seqlens_q: at most max_q_per_request = {self.max_q_per_request} "
-                             f"query tokens per request, got {max(qlens)}")
+        cu, lens, qlens = check_step_metadata(cu_seqlens_q, kv_lens, page_table, dtype,
+                                              self.block_size, self.max_q_per_request)
+        batch, device, max_pages = len(lens), page_table.device, page_table.shape[1]
         bs = self.block_size
-        max_pages = page_table.shape[1]
-        for b, (n, kl) in enumerate(zip(qlens, lens)):
-            if kl < n:
-                raise ValueError(f"kv_lens[{b}] = {kl} is smaller than the request's {n} query tokens")
-            if -(-kl // bs) > max_pages:
-                raise ValueError(f"kv_lens[{b}] = {kl} needs {-(-kl // bs)} pages, page_table has {max_pages}")
         total_q = cu[-1]
         hkv, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
         g_pad = max(16, triton.next_power_of_2(g))  # a group's heads are the MMA rows: >= 16
@@ -145,11 +94,11 @@ class MSADecodeWrapper:
         rows_q = total_q * hkv
         attn_splits = 1 if rows_q >= 2 * sms else min(self.topk, triton.next_power_of_2(-(-2 * sms // max(rows_q, 1))))
         if index_splits is not None:
-            idx_splits = _int("index_splits", index_splits)
+            idx_splits = check_int("index_splits", index_splits)
             if idx_splits > _MAX_INDEX_SPLITS:
                 raise ValueError(f"index_splits must be at most {_MAX_INDEX_SPLITS}, got {idx_splits}")
         if attention_splits is not None:
-            attn_splits = _int("attention_splits", attention_splits)
+            attn_splits = check_int("attention_splits", attention_splits)
             if attn_splits > self.topk:
                 raise ValueError(f"attention_splits must be at most topk = {self.topk}, got {attn_splits}")
         key = (batch, total_q, qmax, max_pages, dtype, device, idx_splits, attn_splits)

@@ -45,8 +45,9 @@ def sparse_fwd_tile_kernel(
     entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
     num_blocks_bound, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    PAGE_TABLE, stride_kp, stride_vp, stride_pb,
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr, PAGED: tl.constexpr,
 ):
     w = tl.program_id(0)
     e0, e1, g, c, k_start, len_k = segment_block(
@@ -55,13 +56,22 @@ def sparse_fwd_tile_kernel(
     if e0 < e1:
 
         d = tl.arange(0, D)
-        j = c * BLOCK + tl.arange(0, BLOCK)  # key positions within the sequence
+        jn = tl.arange(0, BLOCK)
+        j = c * BLOCK + jn  # key positions within the sequence
         key_ok = j < len_k
-        krow = k_start + j.to(tl.int64)
-        kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
-                     mask=key_ok[:, None], other=0.0)
-        vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
-                     mask=key_ok[:, None], other=0.0)
+        if PAGED:
+            # serving: K, V are page pools [num_pages, BLOCK, Hkv, D]; block c of the
+            # sequence is physical page page_table[seq, c]
+            seq = tl.load(row_seq + tl.load(entry_row + e0))
+            page = tl.load(PAGE_TABLE + seq.to(tl.int64) * stride_pb + c).to(tl.int64)
+            k_off = page * stride_kp + jn.to(tl.int64) * stride_kt
+            v_off = page * stride_vp + jn.to(tl.int64) * stride_vt
+        else:
+            krow = k_start + j.to(tl.int64)
+            k_off = krow * stride_kt
+            v_off = krow * stride_vt
+        kt = tl.load(K + k_off[:, None] + g * stride_kh + d[None, :], mask=key_ok[:, None], other=0.0)
+        vt = tl.load(V + v_off[:, None] + g * stride_vh + d[None, :], mask=key_ok[:, None], other=0.0)
         r = tl.arange(0, TOKENS * G_PAD)
         h = r % G_PAD
         # The block stays in registers while the segment's query tiles stream past it.

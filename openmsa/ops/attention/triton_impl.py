@@ -81,19 +81,28 @@ def _check_supported(q, block_size):
                          f"got {block_size}")
 
 
-def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
+def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *,
+                             page_table=None, num_blocks_bound=None, out=None, lse=None):
+    """out like q, lse float32 [total_q, Hq]. Serving (``openmsa.serving``): with
+    ``page_table`` int32 [batch, max_pages], k and v are page pools [num_pages,
+    block_size, Hkv, D], varlen.cu_seqlens_k only gives each sequence's key count and
+    ``num_blocks_bound`` (host int >= the number of blocks of all sequences) replaces the
+    one derived from k's length; ``out`` / ``lse`` are preallocated outputs."""
     total_q, hq, d = q.shape
-    hkv = k.shape[1]
+    paged = page_table is not None
+    hkv = k.shape[-2] if paged else k.shape[1]
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
     tile_rows, segment_tiles, warps, stages = _fwd_knobs()
     tokens = max(1, tile_rows // g_pad)
     topk = topk_indices.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device) if lse is None else lse
     if total_q == 0:
         return out, lse
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
+    if paged:
+        info.num_blocks_bound = num_blocks_bound
     rows_per_chunk = max(1, min(total_q, _partial_bytes() // (hkv * topk * g * (d * q.element_size() + 4))))
     # Partials in the input dtype: bf16 halves the traffic of the write + combine read,
     # which bounds the KV-outer forward (fp32 partials cap it near 200 TFLOP/s on an
@@ -110,8 +119,12 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale):
             sched.tile_group, sched.tile_start, sched.tile_end,
             sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
             info.num_blocks_bound, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
+            q.stride(0), q.stride(1),
+            k.stride(-3) if paged else k.stride(0), k.stride(-2),
+            v.stride(-3) if paged else v.stride(0), v.stride(-2),
+            page_table if paged else q, k.stride(0) if paged else 0, v.stride(0) if paged else 0,
+            page_table.stride(0) if paged else 0,
+            G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee, PAGED=paged,
             num_warps=warps, num_stages=stages,
         )
         combine_kernel[(rows, hkv)](

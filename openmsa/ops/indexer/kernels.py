@@ -68,15 +68,16 @@ def _max_nan(a, b):
 @triton.jit
 def _indexer_topk_kernel(
     qi_ptr, ki_ptr, cu_q_ptr, cu_k_ptr, tile_end_ptr,
-    idx_ptr, lse_ptr,
+    idx_ptr, lse_ptr, page_table_ptr,
     scale,
     num_seqs, total_q, hkv,
     stride_qt, stride_qh, stride_kt,
-    stride_ih, stride_it,
+    stride_ih, stride_it, stride_kp, stride_pb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - 1
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -119,6 +120,9 @@ def _indexer_topk_kernel(
     qi = tl.load(qi_ptr + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     k_base = ki_ptr + k_start.to(tl.int64) * stride_kt
+    # PAGED (serving): ki is a page pool [num_pages, BLOCK_N, Di]; block c of sequence b is
+    # physical page page_table[b, c] (cu_k then only gives the sequence's key count)
+    pt_row = page_table_ptr + b.to(tl.int64) * stride_pb
 
     # ---------------------------------------------------------------- long pass
     col = tl.arange(0, KPAD)
@@ -131,8 +135,12 @@ def _indexer_topk_kernel(
         last = tl.minimum(j * BLOCK_M + BLOCK_M, seq_q) - 1
         n_blocks = (seq_k - seq_q + last) // BLOCK_N  # blocks before the last row's l
         for c in range(0, n_blocks):
-            kk = (c * BLOCK_N + offs_n).to(tl.int64)
-            k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
+            if PAGED:
+                page = tl.load(pt_row + c).to(tl.int64)
+                k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
+            else:
+                kk = (c * BLOCK_N + offs_n).to(tl.int64)
+                k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
             z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
             if NAN_MAX_REDUCE:  # compiled: one max.NaN reduction
                 bmax = tl.reduce(z, 1, _max_nan)
@@ -180,8 +188,13 @@ def _indexer_topk_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         while nxt < _BIG:
             kk = nxt * BLOCK_N + offs_n
-            k_blk = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
-                            mask=(kk < seq_k)[:, None], other=0.0)
+            if PAGED:
+                page = tl.load(pt_row + nxt).to(tl.int64)
+                k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
+                                mask=(kk < seq_k)[:, None], other=0.0)
+            else:
+                k_blk = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
+                                mask=(kk < seq_k)[:, None], other=0.0)
             z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION) * scale
             vis = (nxt_row == nxt)[:, None] & (kk[None, :] <= pos[:, None])
             z = tl.where(vis, z * LOG2E, float("-inf"))

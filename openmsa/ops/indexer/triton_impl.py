@@ -102,26 +102,35 @@ def _check(qi, ki, block_size, topk):
 
 
 def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: float,
-                        deterministic: bool):
+                        deterministic: bool, page_table=None, out=None, with_lse: bool = True):
     """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; varlen: openmsa._validation.Varlen.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
+
+    Serving (``openmsa.serving``): with ``page_table`` int32 [batch, max_pages], ki is the
+    page pool [num_pages, block_size, Di] and varlen.cu_seqlens_k only gives each
+    sequence's key count; ``out`` is a preallocated topk_indices buffer;
+    ``with_lse=False`` skips the selected LSE (index_lse is then None).
     """
     _check(qi, ki, block_size, topk)
     total_q, hkv, di = qi.shape
     device = qi.device
-    topk_indices = torch.empty((hkv, total_q, topk), dtype=torch.int32, device=device)
-    index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=device)
+    topk_indices = (torch.empty((hkv, total_q, topk), dtype=torch.int32, device=device)
+                    if out is None else out)
+    index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=device) if with_lse else None
     num_seqs = varlen.num_seqs
     if total_q == 0 or num_seqs == 0:
         return topk_indices, index_lse
     if qi.stride(2) != 1:
         qi = qi.contiguous()
-    if ki.stride(2) != 1:
+    if ki.stride(-1) != 1:
         ki = ki.contiguous()
+    paged = page_table is not None
 
     block_m, num_warps, num_stages = config(di, qi.dtype, topk)
-    lse_mode = resolve_lse_mode(index_lse_mode(), ki.shape[0], varlen.num_seqs)
+    lse_mode = resolve_lse_mode(index_lse_mode(), ki.shape[0], varlen.num_seqs) if with_lse else None
+    if paged and lse_mode == "kv_outer":
+        lse_mode = "union"  # the KV-outer LSE pass reads packed keys
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
@@ -130,16 +139,18 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     kpad = max(2, triton.next_power_of_2(max(topk - 1, 1)))
     grid = (max_tiles * hkv,)
     _indexer_topk_kernel[grid](
-        qi, ki, cu_q, cu_k, tile_end, topk_indices, index_lse,
+        qi, ki, cu_q, cu_k, tile_end, topk_indices, index_lse if with_lse else topk_indices,
+        page_table if paged else cu_q,
         float(scale), num_seqs, total_q, hkv,
-        qi.stride(0), qi.stride(1), ki.stride(0),
+        qi.stride(0), qi.stride(1), ki.stride(-2) if paged else ki.stride(0),
         topk_indices.stride(0), topk_indices.stride(1),
+        ki.stride(0) if paged else 0, page_table.stride(0) if paged else 0,
         BLOCK_M=block_m, BLOCK_N=block_size, HEAD_DIM=di,
         TOPK=topk, KPAD=kpad, KOUT=triton.next_power_of_2(topk),
         SEARCH_ITERS=num_seqs.bit_length(), DETERMINISTIC=deterministic,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
-        COMPUTE_LSE=lse_mode == "union",
+        COMPUTE_LSE=lse_mode == "union", PAGED=paged,
         num_warps=num_warps, num_stages=num_stages,
     )
     if lse_mode == "kv_outer":
