@@ -214,3 +214,38 @@ def test_gpu_run_replays_in_a_cuda_graph():
     ref_out, ref_lse, ref_idx = reference(q, qi, kc, vc, kic, cu_q, kv2, pt, bs, topk)
     assert torch.equal(idx, ref_idx)
     assert rel(out, ref_out) <= 1e-2 and rel(lse, ref_lse) <= 1e-5
+
+
+def test_prefill_then_decode_steps_through_the_cache():
+    """The serving loop of the README: append a prompt, chunked prefill, then decode steps
+    (append one token per request, plan, run), each step against the paged reference."""
+    from openmsa.serving import MSAPrefillWrapper, PagedMSACache, paged_msa_reference
+
+    gen = torch.Generator().manual_seed(21)
+    bs, hq, hkv, d, di, topk = 64, 8, 2, 32, 64, 3
+    cache = PagedMSACache(16, bs, num_kv_heads=hkv, head_dim=d, index_head_dim=di,
+                          dtype=torch.float32, device=DEV)
+    page_table = torch.randperm(16, generator=gen)[:12].view(2, 6).to(torch.int32).to(DEV)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(DEV)
+
+    def step(wrapper, lens_before, qlens):
+        cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        slots = cache.slot_mapping(page_table, torch.tensor(lens_before, dtype=torch.int32, device=DEV), cu)
+        n = sum(qlens)
+        cache.append(rnd(n, hkv, d), rnd(n, hkv, d), rnd(n, 1, di), slots)
+        kv = torch.tensor([a + b for a, b in zip(lens_before, qlens)], dtype=torch.int32, device=DEV)
+        q, qi = rnd(n, hq, d), rnd(n, hkv, di)
+        wrapper.plan(cu, kv, page_table, dtype=torch.float32)
+        out, idx = wrapper.run(q, qi, cache.k_cache, cache.v_cache, cache.ki_cache)
+        ref_out, _, ref_idx, _ = paged_msa_reference(q, qi, cache.k_cache, cache.v_cache, cache.ki_cache,
+                                                     page_table, kv, cu, topk=topk, deterministic=True)
+        assert torch.equal(idx, ref_idx) and rel(out, ref_out) <= 1e-5
+        return kv.tolist()
+
+    lens = step(MSAPrefillWrapper(hq, hkv, d, di, block_size=bs, topk=topk, deterministic=True),
+                [0, 0], [150, 90])
+    dec = MSADecodeWrapper(hq, hkv, d, di, block_size=bs, topk=topk)
+    for qlens in ([1, 1], [2, 1], [1, 3]):
+        lens = step(dec, lens, qlens)

@@ -7,16 +7,23 @@ Layout (see ``cache.py``): page size = block size B; ``k_cache, v_cache
 ids, which ``topk_indices`` hold) to physical pages; ``kv_lens`` int32 ``[batch]``.
 A step's queries are the last Lq cached positions of their request.
 
+Wrappers (FlashInfer-style plan/run; see their modules): ``MSADecodeWrapper`` (1 to 16
+query tokens per request: split index scan + exact Top-k merge, split sparse attention)
+and ``MSAPrefillWrapper`` (chunked prefill through the training kernels with paged
+addressing).
+
 Not imported by ``openmsa/__init__.py``: import ``openmsa.serving`` explicitly.
 """
 
 from .cache import PagedMSACache, append_paged_kv, check_pools, slot_mapping
+from .decode import MSADecodeWrapper
+from .prefill import MSAPrefillWrapper
 from .reference import (
     gather_paged, paged_indexer_topk_reference, paged_msa_reference,
     paged_sparse_attention_reference,
 )
 
 __all__ = [
-    "PagedMSACache", "slot_mapping", "append_paged_kv", "check_pools", "gather_paged",
+    "MSADecodeWrapper", "MSAPrefillWrapper", "PagedMSACache", "slot_mapping", "append_paged_kv", "check_pools", "gather_paged",
     "paged_indexer_topk_reference", "paged_sparse_attention_reference", "paged_msa_reference",
 ]
