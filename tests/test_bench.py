@@ -30,3 +30,9 @@ def test_bench_cli_on_cpu(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["seqlen"] == 96 and len(data["timings"]) == 5
     assert all(t["median_ms"] > 0 for t in data["timings"])
+
+
+def test_bench_serving_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--serving", "--device", "cpu"])
+    assert "--serving needs a CUDA device" in capsys.readouterr().err

@@ -5,7 +5,9 @@ the kernel benchmark (openmsa/bench/training.py: indexer, sparse attention fwd a
 fwd+bwd, KL, against cuDNN SDPA and FlexAttention; extra arguments such as
 ``--contexts 8192 32768 --pack`` pass through). On a CPU it times the PyTorch
 reference at a small size against torch's dense causal SDPA; ``--json`` writes the
-figures to a file.
+figures to a file. ``openmsa bench --serving`` (GPU only) runs the serving benchmarks
+instead (openmsa/bench/serving.py: paged decode and chunked prefill against dense SDPA),
+written to benchmarks/results/local/{decode,prefill_chunk}/ unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -112,9 +114,23 @@ def main(argv=None) -> int:
     b.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     b.add_argument("--runs", type=int, default=None)
     b.add_argument("--json", default=None, help="write the results to this file")
+    b.add_argument("--serving", action="store_true",
+                   help="serving benchmarks (paged decode, chunked prefill); needs a GPU")
     args, rest = parser.parse_known_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.serving:
+        if device.type != "cuda":
+            parser.error("--serving needs a CUDA device (the serving kernels are timed in CUDA graphs)")
+        from .serving import decode_main, prefill_main
+        out = "benchmarks/results/local"
+        if "--out" in rest:
+            i = rest.index("--out")
+            out = rest[i + 1]
+            rest = rest[:i] + rest[i + 2:]
+        decode_main(rest + ["--out", os.path.join(out, "decode")])
+        prefill_main(["--out", os.path.join(out, "prefill_chunk")])
+        return 0
     if device.type == "cuda" and args.backend != "reference":
         # On a GPU the main job is the kernel benchmark against cuDNN SDPA and FlexAttention.
         from .training import main as gpu_main

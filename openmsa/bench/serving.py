@@ -1,0 +1,216 @@
+"""Serving benchmarks on a GPU (``openmsa bench --serving``; scripts
+benchmarks/bench_decode.py and benchmarks/bench_prefill_chunk.py).
+
+Decode: per-layer latency of openmsa's paged MSA decode (MSADecodeWrapper.run: Index
+Branch + sparse attention) against dense decode over the same tokens, for batch x context x
+query tokens per request. Each case fills paged K, V and index-key pools (bf16, page = block
+= 128 tokens, Hq=64 Hkv=4 D=Di=128, K=16) with random values, pages shuffled; every
+request holds `context` tokens and its queries are its last positions. Timing follows the
+official decode protocol (shared/workloads/README.md): the call is captured in a CUDA
+graph, 5 warmup and 20 timed replays, median and coefficient of variation; the caches are
+far larger than the L2, so replays read them from HBM (no input rotation needed). The Index
+Branch alone (``run_index``) is timed too, with its effective bandwidth (index-key bytes /
+time). Baseline: torch's scaled_dot_product_attention on a contiguous [batch, Hkv, context,
+D] cache (enable_gqa=True, torch's default backend; bottom-right causal mask for several
+query tokens), also graph-captured.
+
+Chunked prefill: MSAPrefillWrapper.run (new chunk on a cached prefix, one request) against
+dense SDPA over the same tokens (bottom-right causal), medians of CUDA-event timings.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from ..serving.decode import MSADecodeWrapper
+from ..serving.prefill import MSAPrefillWrapper
+
+HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
+
+
+def graph_time(fn, warmup=5, runs=20):
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0)  # us
+    return {"median_us": statistics.median(times), "cv": statistics.pstdev(times) / statistics.mean(times)}
+
+
+def copy_bandwidth(dev):
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    r = graph_time(lambda: y.copy_(x))
+    return 2 * x.numel() / (r["median_us"] * 1e-6) / 1e12  # TB/s, read + write
+
+
+def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True):
+    pages = ctx // B
+    num_pages = batch * pages
+    k_cache = torch.randn(num_pages, B, HKV, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    v_cache = torch.randn(num_pages, B, HKV, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    ki_cache = torch.randn(num_pages, B, DI, device=dev, dtype=torch.bfloat16, generator=gen)
+    page_table = torch.randperm(num_pages, device=dev, generator=gen).view(batch, pages).to(torch.int32)
+    q = torch.randn(batch * nq, HQ, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    qi = torch.randn(batch * nq, HKV, DI, device=dev, dtype=torch.bfloat16, generator=gen)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev) * nq
+    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    w = MSADecodeWrapper(HQ, HKV, D, DI, block_size=B, topk=K)
+    w.plan(cu_q, kv_lens, page_table, index_splits=index_splits)
+    res = {"batch": batch, "context": ctx, "q_per_request": nq,
+           "index_splits": w._plan["idx_splits"], "attention_splits": w._plan["attn_splits"]}
+    res["openmsa_us"] = graph_time(lambda: w.run(q, qi, k_cache, v_cache, ki_cache))
+    res["openmsa_topk_us"] = graph_time(lambda: w.run_index(qi, ki_cache))
+    res["index_key_bytes"] = batch * ctx * DI * 2
+    k_cache = v_cache = ki_cache = w = None  # free the pools before the dense cache
+    if not dense:
+        res["dense_us"] = {"median_us": float("nan"), "cv": 0.0}
+        res["speedup"] = float("nan")
+        return res
+    # dense baseline on a contiguous cache of the same size
+    kd = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    vd = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    qd = q.view(batch, nq, HQ, D).transpose(1, 2)
+    mask = None
+    if nq > 1:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(nq, ctx)
+    res["dense_us"] = graph_time(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True))
+    res["speedup"] = res["dense_us"]["median_us"] / res["openmsa_us"]["median_us"]
+    kd = vd = None
+    torch.cuda.empty_cache()
+    return res
+
+
+def decode_main(argv=None):
+    ap = argparse.ArgumentParser(prog="openmsa bench --serving (decode)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
+    ap.add_argument("--q", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-tokens", type=int, default=8 << 20, help="skip batch x context above this")
+    ap.add_argument("--index-splits", type=int, nargs="+", default=[0],
+                    help="programs per request scanning its index keys (0: the plan's default)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    ap.add_argument("--out", default="benchmarks/results/local/decode")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bw = copy_bandwidth(dev)
+    name = torch.cuda.get_device_name()
+    print(f"{name}, torch {torch.__version__}; copy bandwidth {bw:.2f} TB/s", flush=True)
+    rows = []
+    for nq in args.q:
+        for ctx in args.contexts:
+            for batch in args.batches:
+                if batch * ctx > args.max_tokens:
+                    continue
+                for isp in args.index_splits:
+                    try:
+                        r = case(batch, ctx, nq, dev, gen, index_splits=isp or None, dense=not args.no_dense)
+                    except torch.OutOfMemoryError as e:
+                        print(f"  batch {batch} ctx {ctx} q {nq}: out of memory ({str(e)[:80]})", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    r["topk_TBps"] = r["index_key_bytes"] / (r["openmsa_topk_us"]["median_us"] * 1e-6) / 1e12
+                    rows.append(r)
+                    print(f"  q {nq:2d} ctx {ctx:8d} batch {batch:3d}: openmsa {r['openmsa_us']['median_us']:9.1f} us "
+                          f"(topk {r['openmsa_topk_us']['median_us']:8.1f} us, {r['topk_TBps']:.2f} TB/s)  "
+                          f"dense {r['dense_us']['median_us']:9.1f} us  speedup {r['speedup']:5.2f}x  "
+                          f"splits {r['index_splits']}/{r['attention_splits']}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "copy_TBps": bw, "rows": rows}, f, indent=1)
+    lines = [f"Device: {name}, torch {torch.__version__}, bf16, Hq={HQ} Hkv={HKV} D=Di={D} B={B} K={K}; "
+             f"CUDA-graph replays, median of 20 (us); copy bandwidth {bw:.2f} TB/s.", "",
+             "| q/request | context | batch | openmsa decode | of which Index Branch | index-key TB/s | dense SDPA | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['q_per_request']} | {r['context'] // 1024}K | {r['batch']} | "
+                     f"{r['openmsa_us']['median_us']:.1f} | {r['openmsa_topk_us']['median_us']:.1f} | "
+                     f"{r['topk_TBps']:.2f} | {r['dense_us']['median_us']:.1f} | {r['speedup']:.2f}x |")
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+
+def timed(fn, warmup=3, runs=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return {"median_ms": statistics.median(ts), "cv": statistics.pstdev(ts) / statistics.mean(ts)}
+
+
+def prefill_main(argv=None):
+    ap = argparse.ArgumentParser(prog="openmsa bench --serving (chunked prefill)")
+    ap.add_argument("--cases", default="8192:122880,4096:28672,16384:245760",
+                    help="new:prefix pairs (tokens)")
+    ap.add_argument("--out", default="benchmarks/results/local/prefill_chunk")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for item in args.cases.split(","):
+        new, prefix = map(int, item.split(":"))
+        total = new + prefix
+        pages = -(-total // B)
+        bf = dict(device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(pages, B, HKV, D, generator=gen, **bf)
+        vc = torch.randn(pages, B, HKV, D, generator=gen, **bf)
+        kic = torch.randn(pages, B, DI, generator=gen, **bf)
+        pt = torch.randperm(pages, generator=gen, device=dev).view(1, pages).to(torch.int32)
+        q = torch.randn(new, HQ, D, generator=gen, **bf)
+        qi = torch.randn(new, HKV, DI, generator=gen, **bf)
+        cu_q = torch.tensor([0, new], dtype=torch.int32, device=dev)
+        kv = torch.tensor([total], dtype=torch.int32, device=dev)
+        w = MSAPrefillWrapper(HQ, HKV, D, DI, block_size=B, topk=K)
+        w.plan(cu_q, kv, pt)
+        r = {"new_tokens": new, "prefix_tokens": prefix,
+             "openmsa": timed(lambda: w.run(q, qi, kc, vc, kic))}
+        # dense: the same tokens as a contiguous [1, Hkv, total, D] cache
+        from torch.nn.attention.bias import causal_lower_right
+        kd = kc[pt[0].long()].flatten(0, 1)[:total].permute(1, 0, 2)[None].contiguous()
+        vd = vc[pt[0].long()].flatten(0, 1)[:total].permute(1, 0, 2)[None].contiguous()
+        kc = vc = kic = None
+        qd = q.transpose(0, 1)[None]
+        mask = causal_lower_right(new, total)
+        r["dense_sdpa"] = timed(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
+                                                                        enable_gqa=True))
+        r["speedup"] = r["dense_sdpa"]["median_ms"] / r["openmsa"]["median_ms"]
+        rows.append(r)
+        print(f"new {new:6d} on prefix {prefix:7d}: openmsa {r['openmsa']['median_ms']:8.3f} ms  "
+              f"dense {r['dense_sdpa']['median_ms']:8.3f} ms  speedup {r['speedup']:.2f}x", flush=True)
+        kd = vd = None
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prefill_chunk.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
