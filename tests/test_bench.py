@@ -36,3 +36,21 @@ def test_bench_serving_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--serving", "--device", "cpu"])
     assert "--serving needs a CUDA device" in capsys.readouterr().err
+
+
+def test_decode_suite_lengths_follow_the_published_rule():
+    """Every case of the official decode suite: batch_size lengths with the exact nominal
+    mean, within the published min/max, fitting max_pages_upper_bound pages."""
+    import os
+
+    from openmsa.bench.workloads import WORKLOADS, decode_lengths
+
+    suite = json.load(open(os.path.join(WORKLOADS, "decode_suite.json")))
+    for case in suite["cases_full"] + suite["cases_low_latency"]:
+        lens = decode_lengths(case)
+        assert len(lens) == case["batch_size"]
+        assert sum(lens) == case["batch_size"] * case["nominal_seq_len"]
+        assert case["per_request_len_min_possible"] <= min(lens)
+        assert max(lens) <= case["per_request_len_max_possible"]
+        assert -(-max(lens) // 128) <= case["max_pages_upper_bound"]
+        assert min(lens) >= case["q_len_per_req"]
