@@ -17,6 +17,7 @@ Not imported by ``openmsa/__init__.py``: import ``openmsa.serving`` explicitly.
 
 from .cache import PagedMSACache, append_paged_kv, check_pools, slot_mapping
 from .decode import MSADecodeWrapper
+from .fp8 import append_index_scales, quantize_fp8_per_token
 from .prefill import MSAPrefillWrapper
 from .reference import (
     gather_paged, paged_indexer_topk_reference, paged_msa_reference,
@@ -24,6 +25,7 @@ from .reference import (
 )
 
 __all__ = [
-    "MSADecodeWrapper", "MSAPrefillWrapper", "PagedMSACache", "slot_mapping", "append_paged_kv", "check_pools", "gather_paged",
+    "MSADecodeWrapper", "MSAPrefillWrapper", "PagedMSACache", "quantize_fp8_per_token",
+    "append_index_scales", "slot_mapping", "append_paged_kv", "check_pools", "gather_paged",
     "paged_indexer_topk_reference", "paged_sparse_attention_reference", "paged_msa_reference",
 ]

@@ -40,6 +40,7 @@ from ._plan import check_int, check_step_metadata, check_wrapper_config
 
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
+FP8 = torch.float8_e4m3fn
 _MAX_INDEX_SPLITS = 256
 _MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
 
@@ -166,26 +167,64 @@ class MSADecodeWrapper:
         self._check_pool("k_cache", k_cache, (bs, hkv, d))
         self._check_pool("v_cache", v_cache, (bs, hkv, d))
         self._check_pool("ki_cache", ki_cache, (bs, di))
-        if q.dtype != p["dtype"] or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-            raise TypeError(f"q, k_cache and v_cache must have the planned dtype {p['dtype']}, got "
-                            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-        if qi.dtype != ki_cache.dtype:
-            raise TypeError(f"qi and ki_cache must have the same dtype, got {qi.dtype} and {ki_cache.dtype}")
+        if q.dtype != p["dtype"]:
+            raise TypeError(f"q must have the planned dtype {p['dtype']}, got {q.dtype}")
+        if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
+            raise TypeError(f"k_cache and v_cache must both have q's dtype ({q.dtype}) or both be "
+                            f"{FP8}, got {k_cache.dtype} and {v_cache.dtype}")
 
-    def run(self, q, qi, k_cache, v_cache, ki_cache, *, return_lse: bool = False):
+    def run(self, q, qi, k_cache, v_cache, ki_cache, *, return_lse: bool = False,
+            ki_scale=None, k_scale: float | None = None, v_scale: float | None = None):
         """Index Branch then Main Branch: ``(out, topk_indices)`` (``(out, lse,
-        topk_indices)`` with ``return_lse``)."""
+        topk_indices)`` with ``return_lse``).
+
+        FP8 (E4M3, ``torch.float8_e4m3fn``) paths, the scale contract:
+
+        * index keys: ``ki_cache`` FP8 with ``ki_scale`` float32 ``[num_pages, B]``, one scale
+          per token (the key is ``ki_cache[p, r] * ki_scale[p, r]``; e.g. amax / 448 per
+          token, see ``openmsa.serving.quantize_fp8_per_token``); qi is FP8 (its per-row
+          scale does not change a row's ranking, so none is passed) or q's 16-bit dtype.
+        * K, V pages: ``k_cache``, ``v_cache`` FP8 with one float scale each for the layer
+          (``k_scale``, ``v_scale``, as vLLM's FP8 KV cache); the tiles are converted to q's
+          dtype after the load.
+        """
         self._check_run(q, qi, k_cache, v_cache, ki_cache)
-        topk_idx = self._topk(qi, ki_cache)
-        out, lse = self._attend(q, k_cache, v_cache, topk_idx)
+        ki_scale = self._check_index_fp8(qi, ki_cache, ki_scale)
+        if k_cache.dtype == FP8:
+            for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+                    raise ValueError(f"{name} must be a positive float for FP8 k_cache / v_cache, got {x!r}")
+        elif k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale / v_scale are only for FP8 k_cache / v_cache")
+        topk_idx = self._topk(qi, ki_cache, ki_scale)
+        out, lse = self._attend(q, k_cache, v_cache, topk_idx, k_scale or 1.0, v_scale or 1.0)
         return (out, lse, topk_idx) if return_lse else (out, topk_idx)
 
-    def run_index(self, qi, ki_cache):
+    def run_index(self, qi, ki_cache, *, ki_scale=None):
         """The Index Branch alone: ``topk_indices [Hkv, total_q, K]`` (the wrapper's buffer)."""
         p = self._require_plan()
         self._check_tensor("qi", qi, (p["total_q"], self.num_kv_heads, self.index_head_dim))
         self._check_pool("ki_cache", ki_cache, (self.block_size, self.index_head_dim))
-        return self._topk(qi, ki_cache)
+        ki_scale = self._check_index_fp8(qi, ki_cache, ki_scale)
+        return self._topk(qi, ki_cache, ki_scale)
+
+    def _check_index_fp8(self, qi, ki_cache, ki_scale):
+        if ki_cache.dtype == FP8:
+            if qi.dtype not in (FP8, torch.bfloat16, torch.float16, torch.float32):
+                raise TypeError(f"qi must be {FP8} or a float dtype with an FP8 ki_cache, got {qi.dtype}")
+            shape = tuple(ki_cache.shape[:2])
+            if (not isinstance(ki_scale, torch.Tensor) or ki_scale.dtype != torch.float32
+                    or tuple(ki_scale.shape) != shape or ki_scale.stride(-1) != 1
+                    or ki_scale.device != ki_cache.device):
+                raise ValueError(f"ki_scale must be a float32 tensor of shape {shape} (one scale per "
+                                 f"token) on {ki_cache.device} for an FP8 ki_cache, got "
+                                 f"{tuple(ki_scale.shape) if isinstance(ki_scale, torch.Tensor) else ki_scale!r}")
+            return ki_scale
+        if ki_scale is not None:
+            raise ValueError("ki_scale is only for an FP8 ki_cache")
+        if qi.dtype != ki_cache.dtype:
+            raise TypeError(f"qi and ki_cache must have the same dtype, got {qi.dtype} and {ki_cache.dtype}")
+        return None
 
     @staticmethod
     def _index_pages(rows: int) -> int:
@@ -197,7 +236,7 @@ class MSADecodeWrapper:
         env = os.environ.get("OPENMSA_DECODE_INDEX_PAGES")
         return int(env) if env else (2 if rows <= 16 else 1)
 
-    def _topk(self, qi, ki_cache):
+    def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
         topk_idx = p["topk"]
         if p["total_q"] == 0:
@@ -206,12 +245,14 @@ class MSADecodeWrapper:
         hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
         kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
             qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
+            ki_scale if ki_scale is not None else p["pages_per_split"],
             self.index_softmax_scale, nsplit,
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
+            ki_scale.stride(0) if ki_scale is not None else 0,
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
             TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"]),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-            NAN_MAX_REDUCE=p["device"].type != "cpu", num_warps=4,
+            NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None, num_warps=4,
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
         cand, nlists = p["cand"], nsplit
         if nsplit > _MERGE_GROUP:
@@ -229,7 +270,7 @@ class MSADecodeWrapper:
             num_warps=4)
         return topk_idx
 
-    def _attend(self, q, k_cache, v_cache, topk_idx):
+    def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):
         p = self._plan
         out, lse = p["out"], p["lse"]
         total_q = p["total_q"]
@@ -241,13 +282,14 @@ class MSADecodeWrapper:
         kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
             q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
             out, lse, p["part_o"], p["part_lse"],
-            self.softmax_scale * 1.4426950408889634, -(-topk // asplit), asplit, hkv,
+            self.softmax_scale * k_scale * 1.4426950408889634, float(v_scale), -(-topk // asplit), asplit, hkv,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             topk_idx.stride(0), topk_idx.stride(1), p["page_table"].stride(0),
             out.stride(0), out.stride(1), lse.stride(0),
             G=g, G_PAD=g_pad, BLOCK=bs, D=self.head_dim, TOPK=topk,
             KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, IEEE=q.dtype == torch.float32,
+            KV_FP8=k_cache.dtype == FP8,
             num_warps=4, num_stages=2)
         if asplit > 1:
             kern["decode_attention_merge_kernel"][(total_q, hkv)](

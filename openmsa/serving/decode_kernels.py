@@ -43,12 +43,12 @@ from ..ops.indexer.kernels import _INT64_MAX, _NAN_ORD, _PAD_BASE, _max_nan
 
 @triton.jit
 def decode_topk_split_kernel(
-    QI, KI_CACHE, PAGE_TABLE, ROW_SEQ_START, KV_LENS, CAND, PAGES_PER_SPLIT,
+    QI, KI_CACHE, PAGE_TABLE, ROW_SEQ_START, KV_LENS, CAND, PAGES_PER_SPLIT, KI_SCALE,
     scale, num_splits,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_pb,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_pb, stride_sp,
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, PAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -84,7 +84,15 @@ def decode_topk_split_kernel(
         page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + cpage, mask=cpage < c1, other=0).to(tl.int64)
         kblk = tl.load(KI_CACHE + page[:, None] * stride_kp + (jj % BLOCK)[:, None] * stride_kt + d[None, :],
                        mask=(cpage < c1)[:, None], other=0.0)
-        z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
+        if KI_FP8:
+            # FP8 (E4M3) index keys with one float32 scale per token: half the bytes of the
+            # scan. qi is FP8 too (an FP8 MMA; its per-row scale cannot change a row's
+            # ranking, so it is not needed) or 16-bit (the keys are converted to it).
+            z = tl.dot(qi, tl.trans(kblk.to(QI.dtype.element_ty)))
+            ksc = tl.load(KI_SCALE + page * stride_sp + jj % BLOCK, mask=cpage < c1, other=0.0)
+            z = z * ksc[None, :]
+        else:
+            z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
         z3 = tl.reshape(z, (ROWS, PAGES, BLOCK))
         if NAN_MAX_REDUCE:
             bmax_all = tl.reduce(z3, 2, _max_nan)
@@ -198,12 +206,16 @@ def decode_topk_merge_kernel(
 def decode_attention_split_kernel(
     Q, K_CACHE, V_CACHE, TOPK_IDX, PAGE_TABLE, ROW_SEQ, ROW_POS, KV_LENS,
     OUT, LSE, PART_O, PART_LSE,
-    scale_log2, slots_per_split, num_splits, num_groups,
+    scale_log2, v_scale, slots_per_split, num_splits, num_groups,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ig, stride_it, stride_pb, stride_ot, stride_oh, stride_lt,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
+    """KV_FP8: K, V pages in FP8 (E4M3) with one scale each per layer (vLLM's contract):
+    the tiles are converted to q's dtype after the load (half the bytes, 16-bit MMAs),
+    k_scale is folded into scale_log2 and v_scale multiplies the output."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -234,6 +246,9 @@ def decode_attention_split_kernel(
             page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + c).to(tl.int64)
             kt = tl.load(K_CACHE + page * stride_kp + jn[:, None] * stride_kt + g * stride_kh + d[None, :])
             vt = tl.load(V_CACHE + page * stride_vp + jn[:, None] * stride_vt + g * stride_vh + d[None, :])
+            if KV_FP8:
+                kt = kt.to(Q.dtype.element_ty)
+                vt = vt.to(Q.dtype.element_ty)
             if IEEE:
                 sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
             else:
@@ -250,7 +265,7 @@ def decode_attention_split_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc * (v_scale / l_safe)[:, None]
     lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     if SPLIT:
         prow = ((t.to(tl.int64) * num_groups + g) * num_splits + s) * G_PAD + h
