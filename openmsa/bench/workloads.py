@@ -29,6 +29,7 @@ import torch
 
 from ..serving.decode import MSADecodeWrapper
 from ..serving.prefill import MSAPrefillWrapper
+from .serving import graph_time
 
 # A copy of shared/workloads/ travels with the repository (benchmarks/workloads/), so the
 # GPU machine, which sees only the checkout, has it.
@@ -50,28 +51,6 @@ def decode_lengths(case: dict, base_seed: int = 1701) -> list[int]:
         values = torch.cat([values, torch.tensor([nominal])])
     values = values[torch.randperm(bs, generator=g)]
     return values.tolist()
-
-
-def _graph_per_call_us(calls, warmup=5, runs=20):
-    for c in calls[:2]:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / len(calls))
-    return statistics.median(ts), statistics.pstdev(ts) / statistics.mean(ts)
 
 
 def decode_case(case, hq, hkv, dev, gen):
@@ -104,7 +83,8 @@ def decode_case(case, hq, hkv, dev, gen):
         w.plan(cu, kv, pt)
         wrappers.append(w)
     calls = [(lambda w=wrappers[i % slots]: w.run(q, qi, kc, vc, kic)) for i in range(120)]
-    med, cv = _graph_per_call_us(calls)
+    r = graph_time(None, calls=calls)
+    med, cv = r["median_us"], r["cv"]
     return {"name": case["name"], "weight": case["weight"], "median_us": med, "cv": cv, "slots": slots,
             "lens_min": min(lens), "lens_max": max(lens)}
 
