@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The whole retrieval experiment: train + evaluate every variant, then the plots.
+#
+#   bash experiments/retrieval/run_all.sh OUT_DIR [options] [-- extra train.py args]
+#
+#   --smoke          tiny CPU sizes (context 256, block 16, K 2, a few steps per variant)
+#   --only LIST      comma-separated subset of dense,window,msa_native,msa_converted,plot
+#                    (default: all; msa_converted needs OUT_DIR/dense from this or an earlier call)
+#   --lanes N        1: one after the other (default); 2: two GPUs at once, lane A = dense then
+#                    msa_converted on GPU 0, lane B = window then msa_native on GPU 1
+#   --scale F        multiply every step count by F (0.5 about halves the GPU time)
+#   --time-limit S   cap of each training run in seconds (it then stops and saves; default 300)
+#   --call-budget S  the whole call's wall-clock budget (default 570, for a 600-s device call): a
+#                    training run gets at most what is left minus 90 s for its evaluation;
+#                    0 = no budget
+#   --contexts "..." evaluation contexts (default "4096 8192 16384")
+#   --pack DIR       DIR/<variant>.tgz as soon as a run is evaluated (its JSON + logs; model.pt
+#                    too with --pack-ckpt), DIR/report.tgz after the plots: few files, for a
+#                    machine that returns at most 8 files per call, and what is done is packed
+#                    even if the call is cut short
+#
+# GPU-time estimate (one H100, README.md explains it): dense ~1.5 min, window ~1.5 min,
+# msa_native ~3 min, msa_converted ~2.5 min (each with its evaluation), plots seconds:
+# ~8-9 minutes, ~18 with a 2x margin. Each run also stops itself after --time-limit seconds.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x "$ROOT/.venv/bin/python" ]] && "$ROOT/.venv/bin/python" -c "import torch" 2>/dev/null; then
+    PY="$ROOT/.venv/bin/python"
+else PY=python3; fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,22p' "$0"; exit 2; }
+OUT="$1"; shift
+SMOKE=0; ONLY="dense,window,msa_native,msa_converted,plot"; LANES=1; SCALE=1; TIME_LIMIT=300
+CALL_BUDGET=570
+CONTEXTS="4096 8192 16384"; PACK=""; PACK_CKPT=0; EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) SMOKE=1 ;;
+        --only) ONLY="$2"; shift ;;
+        --lanes) LANES="$2"; shift ;;
+        --scale) SCALE="$2"; shift ;;
+        --time-limit) TIME_LIMIT="$2"; shift ;;
+        --call-budget) CALL_BUDGET="$2"; shift ;;
+        --contexts) CONTEXTS="$2"; shift ;;
+        --pack) PACK="$2"; shift ;;
+        --pack-ckpt) PACK_CKPT=1 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+mkdir -p "$OUT"
+T0=$SECONDS
+
+steps() { awk -v n="$1" -v f="$SCALE" 'BEGIN { s = int(n * f + 0.5); print (s < 1 ? 1 : s) }'; }
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+if [[ $SMOKE == 1 ]]; then
+    # Every code path at toy sizes: a few steps, CPU, seconds per variant.
+    COMMON=(--device cpu --threads 1 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16
+            --mlp-hidden 64 --rotary-dim 8 --index-head-dim 16 --block-size 16 --topk 2
+            --num-keys 32 --num-values 16 --num-noise 16 --num-pairs 8 --num-queries 4
+            --train-len 256 --tokens-per-step 1024 --log-every 2 --val-every 4 --val-seqs 4
+            --lr-warmup 2)
+    CURRICULUM=(--curriculum 128 --curriculum-steps 2)
+    SCRATCH=(--steps 4 --lr 1e-3)
+    NATIVE=(--steps 4 --lr 1e-3 --warmup-steps 2)
+    CONVERTED=(--steps 3 --lr 3e-4 --warmup-steps 2 --warmup-len 256 --index-lr 3e-3)
+    [[ "$CONTEXTS" == "4096 8192 16384" ]] && CONTEXTS="256 512"
+    TIME_LIMIT=0; CALL_BUDGET=0
+    EVAL=(--device cpu --threads 1 --eval-seqs 8 --tokens-per-batch 2048 --recall-seqs 1)
+else
+    # The H100 configuration (README.md): 3.4M-parameter decoder, 4 layers, 8 q / 2 kv heads,
+    # head dim 64, B = 64, K = 8 (512 tokens per query: 1/8 of the 4K training context),
+    # 64 pairs / 32 queries; 64K tokens per step; lengths 320 -> 4096 over the first 600 steps.
+    COMMON=(--train-len 4096 --tokens-per-step 65536 --log-every 25 --val-every 250 --val-seqs 32)
+    CURRICULUM=(--curriculum 320,512,1024,2048 --curriculum-steps "$(steps 600)")
+    SCRATCH=(--steps "$(steps 1500)" --lr 1e-3)
+    # Native: 20 dense-mode steps (openmsa's PyTorch reference on the GPU, ~1.4 s a step);
+    # at the curriculum's 320 and 512 tokens (<= K * B) the sparse mode selects every
+    # visible block, i.e. it is the dense warmup too, at kernel speed.
+    NATIVE=(--steps "$(steps 1500)" --lr 1e-3 --warmup-steps "$(steps 20)" --kl-weight 0.1)
+    # Converted: 60 index-warmup steps at 2K (the dense-mode reference costs ~L^2 per
+    # sequence; the copied index init starts close), then 400 sparse fine-tuning steps at 4K
+    # with a lower LR (the sparse KL keeps training the index, at kernel speed).
+    CONVERTED=(--steps "$(steps 400)" --lr 3e-4 --lr-warmup 30 --warmup-steps "$(steps 60)"
+               --warmup-len 2048 --index-lr 3e-3 --kl-weight 0.1)
+    EVAL=(--eval-seqs 128 --recall-seqs 2)
+fi
+read -r -a CTX <<< "$CONTEXTS"
+
+time_limit() {  # this run's training cap: --time-limit, within what the call has left
+    local lim=$TIME_LIMIT
+    if [[ $CALL_BUDGET -gt 0 ]]; then
+        local left=$((CALL_BUDGET - (SECONDS - T0) - 90))
+        [[ $left -lt 30 ]] && left=30
+        [[ $lim -eq 0 || $left -lt $lim ]] && lim=$left
+    fi
+    echo "$lim"
+}
+
+pack() {  # pack VARIANT: its small files (and model.pt with --pack-ckpt) into $PACK/VARIANT.tgz
+    [[ -n "$PACK" ]] || return 0
+    mkdir -p "$PACK"
+    local ex=(); [[ $PACK_CKPT == 1 ]] || ex=(--exclude "$1/model.pt")
+    tar czf "$PACK/$1.tgz" -C "$OUT" "${ex[@]}" "$1"
+}
+
+run() {  # run VARIANT [train.py args...]: train, evaluate, pack; logs next to the run
+    local v="$1"; shift
+    mkdir -p "$OUT/$v"
+    local t0=$SECONDS lim
+    lim=$(time_limit)
+    echo "=== $v: $(date -u +%H:%M:%S), training time limit ${lim} s (0 = none)"
+    "$PY" "$HERE/train.py" --variant "$v" --out "$OUT/$v" "${COMMON[@]}" --time-limit "$lim" "$@" \
+        "${EXTRA[@]}" 2>&1 | tee "$OUT/$v/train.log"
+    "$PY" "$HERE/evaluate.py" --runs "$OUT/$v" --contexts "${CTX[@]}" "${EVAL[@]}" \
+        2>&1 | tee "$OUT/$v/eval.log"
+    pack "$v"
+    echo "=== $v done in $((SECONDS - t0)) s"
+}
+
+lane_a() {
+    if want dense; then run dense "${CURRICULUM[@]}" "${SCRATCH[@]}"; fi
+    if want msa_converted; then
+        [[ -f "$OUT/dense/model.pt" ]] || { echo "msa_converted needs $OUT/dense/model.pt" >&2; return 1; }
+        run msa_converted --init "$OUT/dense" "${CONVERTED[@]}"
+    fi
+}
+lane_b() {
+    if want window; then run window "${CURRICULUM[@]}" "${SCRATCH[@]}"; fi
+    if want msa_native; then run msa_native "${CURRICULUM[@]}" "${NATIVE[@]}"; fi
+}
+
+if [[ $LANES == 2 ]]; then
+    (export CUDA_VISIBLE_DEVICES=0; lane_a) > "$OUT/lane_a.log" 2>&1 & PA=$!
+    (export CUDA_VISIBLE_DEVICES=1; lane_b) > "$OUT/lane_b.log" 2>&1 & PB=$!
+    RC=0; wait $PA || RC=1; wait $PB || RC=1
+    cat "$OUT/lane_a.log" "$OUT/lane_b.log"
+    [[ $RC == 0 ]] || { echo "a lane failed" >&2; exit 1; }
+else
+    lane_a
+    lane_b
+fi
+
+if want plot; then
+    "$PY" "$HERE/plot.py" --runs-dir "$OUT" --out "$OUT/report"
+fi
+echo "=== all done in $((SECONDS - T0)) s"
+
+if [[ -n "$PACK" ]]; then
+    if [[ -d "$OUT/report" ]]; then tar czf "$PACK/report.tgz" -C "$OUT" report; fi
+    ls -la "$PACK"
+fi

@@ -1,0 +1,139 @@
+"""Multi-query associative recall (MQAR) with distractors, at long context.
+
+One sequence of ``length`` tokens:
+
+    BOS  [ ... noise ... k1 v1 ... noise ... k2 v2 ... noise ... ]  SEP  kq1 vq1 kq2 vq2 ...
+         '------------------- haystack ----------------------------'      '--- queries ---'
+
+- ``num_pairs`` key-value pairs (distinct keys, random values) sit at uniformly random,
+  non-overlapping places anywhere in the haystack; the rest of the haystack is filler
+  drawn from a separate noise vocabulary.
+- After SEP come ``num_queries`` of those keys (a random subset, in random order), each
+  followed by its value. The model is supervised only on the value after each query key
+  (labels are -100 elsewhere), and accuracy is the exact match of those answer tokens.
+- The pairs that are never queried are distractors: the model must find *its* key, not
+  any key.
+
+Why a short window cannot solve it: a query's pair lies anywhere in the haystack, so a
+sliding window of W tokens at the end sees only about W / length of the pairs (~12% at
+W = 512, length 4096), while MSA must *select* the one block holding the pair.
+
+Keys, values and noise use disjoint token ranges; the assignment of values to keys is
+fresh in every sequence, so nothing can be memorised: the answer must be retrieved.
+Generation is deterministic given the ``torch.Generator`` (and device) it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+IGNORE = -100  # label of unsupervised positions (torch cross_entropy's ignore_index)
+PAD, BOS, SEP = 0, 1, 2
+NUM_SPECIAL = 3
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    num_keys: int = 512      # key vocabulary (keys of a sequence are drawn without replacement)
+    num_values: int = 256    # value vocabulary
+    num_noise: int = 256     # filler vocabulary
+    num_pairs: int = 64      # pairs hidden in the haystack (queried ones + distractors)
+    num_queries: int = 32    # pairs asked for at the end
+
+    def __post_init__(self):
+        if self.num_pairs > self.num_keys:
+            raise ValueError("num_pairs must be <= num_keys (keys of a sequence are distinct)")
+        if not 1 <= self.num_queries <= self.num_pairs:
+            raise ValueError("num_queries must be in [1, num_pairs]")
+
+    @property
+    def key_start(self) -> int:
+        return NUM_SPECIAL
+
+    @property
+    def value_start(self) -> int:
+        return self.key_start + self.num_keys
+
+    @property
+    def noise_start(self) -> int:
+        return self.value_start + self.num_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.noise_start + self.num_noise
+
+    def haystack_len(self, length: int) -> int:
+        return length - 2 - 2 * self.num_queries  # minus BOS, SEP and the query section
+
+    def min_length(self) -> int:
+        # the pairs need 2 tokens each, and there should be room for some filler
+        return 2 + 2 * self.num_queries + 3 * self.num_pairs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_batch(cfg: TaskConfig, batch: int, length: int, generator: torch.Generator,
+               device=None) -> dict:
+    """A batch of MQAR sequences, all of ``length`` tokens.
+
+    Returns a dict of tensors on ``device`` (default: the generator's device):
+      tokens  int64 [batch, length]   the input
+      labels  int64 [batch, length]   next-token targets: the value at each query key, else -100
+      answer_pos int64 [batch, Q]     positions whose prediction is an answer (the query keys)
+      pair_pos   int64 [batch, Q]     position of the queried key in the haystack (for depth
+                                      analyses and the indexer's retrieval hit rate)
+    """
+    if length < cfg.min_length():
+        raise ValueError(f"length {length} is too short for {cfg.num_pairs} pairs and "
+                         f"{cfg.num_queries} queries (min {cfg.min_length()})")
+    gdev = generator.device
+    device = gdev if device is None else torch.device(device)
+    n, q, hay = cfg.num_pairs, cfg.num_queries, cfg.haystack_len(length)
+    kw = dict(generator=generator, device=gdev)
+
+    # Non-overlapping 2-token slots: n sorted distinct starts s_i in [0, hay - n) spread
+    # to a_i = s_i + i, so that a_{i+1} - a_i >= 2 and the last value lands at <= hay - 1.
+    # Uniform over all placements (stars and bars).
+    s = torch.rand(batch, hay - n, **kw).argsort(dim=1)[:, :n].sort(dim=1).values
+    key_pos = s + torch.arange(n, device=gdev) + 1  # +1: after BOS
+
+    keys = torch.rand(batch, cfg.num_keys, **kw).argsort(dim=1)[:, :n] + cfg.key_start
+    values = torch.randint(0, cfg.num_values, (batch, n), **kw) + cfg.value_start
+
+    tokens = torch.randint(0, cfg.num_noise, (batch, length), **kw) + cfg.noise_start
+    tokens[:, 0] = BOS
+    tokens.scatter_(1, key_pos, keys)
+    tokens.scatter_(1, key_pos + 1, values)
+    sep = 1 + hay
+    tokens[:, sep] = SEP
+
+    # Queries: a random subset of the pairs in random order (pairs sit in position order,
+    # so a random permutation of the pair ids decouples query order from depth).
+    pick = torch.rand(batch, n, **kw).argsort(dim=1)[:, :q]
+    qk, qv = keys.gather(1, pick), values.gather(1, pick)
+    answer_pos = sep + 1 + 2 * torch.arange(q, device=gdev).expand(batch, q)
+    tokens.scatter_(1, answer_pos, qk)
+    tokens.scatter_(1, answer_pos + 1, qv)
+
+    labels = torch.full_like(tokens, IGNORE)
+    labels.scatter_(1, answer_pos, qv)  # position t predicts token t + 1
+    out = dict(tokens=tokens, labels=labels, answer_pos=answer_pos, pair_pos=key_pos.gather(1, pick))
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def eval_set(cfg: TaskConfig, length: int, num_seqs: int, seed: int) -> dict:
+    """The fixed evaluation set of one context length, on the CPU: drawn in one go from
+    ``seed`` and ``length``, so every variant, on any device and at any eval batch size,
+    sees the same sequences."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + length)
+    return make_batch(cfg, num_seqs, length, g)
+
+
+def split_batches(data: dict, batch: int, device):
+    """Yield consecutive slices of ``batch`` sequences of a make_batch dict, on ``device``."""
+    n = data["tokens"].shape[0]
+    for i in range(0, n, batch):
+        yield {k: v[i:i + batch].to(device) for k, v in data.items()}

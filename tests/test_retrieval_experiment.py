@@ -1,0 +1,245 @@
+"""CPU smoke test of the retrieval experiment (experiments/retrieval): the task's invariants,
+the attention variants against brute force, the dense -> MSA conversion, the recall
+metric on hand-checkable cases, and every variant end to end at toy sizes (train ->
+evaluate -> plot, in process, then the run_all.sh driver in --smoke mode)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP = ROOT / "experiments" / "retrieval"
+sys.path.insert(0, str(EXP))
+
+import evaluate  # noqa: E402
+import model as M  # noqa: E402
+import plot  # noqa: E402
+import task as T  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Toy tensors: extra intra-op threads only add overhead (and OpenMP spin-waiting on a
+    busy CPU can make small ops much slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_TASK = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4)
+
+
+def tiny_model(attn="dense", **kw):
+    return M.ModelConfig(vocab_size=TINY_TASK.vocab_size, hidden=32, layers=2, heads=4, kv_heads=2,
+                         head_dim=16, mlp_hidden=32, rotary_dim=8, index_head_dim=16, block_size=8,
+                         topk=2, attn=attn, **kw)
+
+
+# --- task -------------------------------------------------------------------------------
+
+def test_task_layout_and_answers():
+    cfg, length = TINY_TASK, 96
+    b = T.make_batch(cfg, 5, length, torch.Generator().manual_seed(3))
+    tok, lab, ans, pp = b["tokens"], b["labels"], b["answer_pos"], b["pair_pos"]
+    assert tok.shape == lab.shape == (5, length)
+    sep = 1 + cfg.haystack_len(length)
+    assert (tok[:, 0] == T.BOS).all() and (tok[:, sep] == T.SEP).all()
+    is_key = (tok >= cfg.key_start) & (tok < cfg.value_start)
+    is_val = (tok >= cfg.value_start) & (tok < cfg.noise_start)
+    for i in range(5):
+        hay = tok[i, 1:sep]
+        kpos = torch.nonzero((hay >= cfg.key_start) & (hay < cfg.value_start)).flatten() + 1
+        assert len(kpos) == cfg.num_pairs and len(set(tok[i, kpos].tolist())) == cfg.num_pairs
+        assert is_val[i, kpos + 1].all()  # every key is followed by its value: pairs never overlap
+        assert is_val[i, 1:sep].sum() == cfg.num_pairs
+        # labels: exactly the answers, each the value stored after the queried key
+        assert (lab[i] != T.IGNORE).sum() == cfg.num_queries
+        for q, p in zip(ans[i].tolist(), pp[i].tolist()):
+            assert is_key[i, q] and tok[i, q] == tok[i, p]
+            assert lab[i, q] == tok[i, p + 1] == tok[i, q + 1]
+        assert len(set(tok[i, ans[i]].tolist())) == cfg.num_queries  # distinct queries
+    # deterministic from the seed; a different seed differs
+    again = T.make_batch(cfg, 5, length, torch.Generator().manual_seed(3))
+    assert all(torch.equal(b[k], again[k]) for k in b)
+    other = T.make_batch(cfg, 5, length, torch.Generator().manual_seed(4))
+    assert not torch.equal(b["tokens"], other["tokens"])
+    # the eval set does not depend on how it is batched
+    full = T.eval_set(cfg, length, 6, seed=1)
+    parts = list(T.split_batches(full, 4, "cpu"))
+    assert [p["tokens"].shape[0] for p in parts] == [4, 2]
+    assert torch.equal(torch.cat([p["tokens"] for p in parts]), T.eval_set(cfg, length, 6, seed=1)["tokens"])
+    with pytest.raises(ValueError):
+        T.make_batch(cfg, 1, cfg.min_length() - 1, torch.Generator())
+
+
+def test_pairs_spread_over_the_whole_haystack():
+    """A window at the end must not see most pairs: positions are uniform over the haystack."""
+    cfg, length = T.TaskConfig(num_pairs=16, num_queries=16, num_keys=64), 2048
+    pp = T.make_batch(cfg, 64, length, torch.Generator().manual_seed(0))["pair_pos"].float()
+    frac_last_eighth = (pp > length * 7 / 8).float().mean().item()
+    assert 0.05 < frac_last_eighth < 0.2
+    assert pp.min() < length / 8
+
+
+# --- model ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, w", [(37, 8), (32, 8), (8, 8), (5, 8), (50, 16)])
+def test_sliding_window_matches_brute_force(n, w):
+    q, k, v = torch.randn(3, 2, 3, n, 8).unbind(0)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - w))
+    torch.testing.assert_close(M.sliding_window_attention(q, k, v, w), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_conversion_preserves_the_dense_function():
+    torch.manual_seed(0)
+    dense = M.Decoder(tiny_model())
+    tok = torch.randint(0, TINY_TASK.vocab_size, (2, 40))
+    ref = dense(tok)
+    msa = M.convert_dense_to_msa(dense, tiny_model("msa"), index_init="copy")
+    M.set_msa_mode(msa, "dense")  # warmup mode: full attention -> same function
+    torch.testing.assert_close(msa(tok), ref, atol=1e-5, rtol=1e-5)
+    assert M.kl_loss(msa) is not None and M.kl_loss(msa).item() >= 0
+    # only the index projections are new; "copy" starts them from the group-mean q / mean k
+    names = {n for n, _ in msa.named_parameters()} - {n for n, _ in dense.named_parameters()}
+    assert names and all(".qi_proj." in n or ".ki_proj." in n for n in names)
+    lay = M.msa_layers(msa)[0]
+    torch.testing.assert_close(lay.ki_proj.weight, lay.k_proj.weight.view(2, 16, -1).mean(0))
+    assert set(map(id, M.index_parameters(msa))) == {id(p) for n, p in msa.named_parameters() if n in names}
+    # sparse mode differs (it attends to K blocks only) but runs
+    M.set_msa_mode(msa, "sparse")
+    assert msa(tok).shape == ref.shape
+    # a window at least as long as the sequence is dense attention
+    win = M.Decoder(tiny_model("window", window=40))
+    win.load_state_dict(dense.state_dict())
+    torch.testing.assert_close(win(tok), ref, atol=1e-5, rtol=1e-5)
+    # logits at chosen positions only
+    pos = torch.tensor([[3, 7], [0, 39]])
+    torch.testing.assert_close(dense(tok, positions=pos), ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1])))
+
+
+# --- recall metric -------------------------------------------------------------------------
+
+def brute_force_recall(q, k, idx, bs):
+    """Per (g, t) loops: the definitions of evaluate.py's docstring."""
+    n, hq, d = q.shape
+    hkv, _, kk = idx.shape
+    g = hq // hkv
+    rec, mrec = [], []
+    for grp in range(hkv):
+        for t in range(n):
+            if t // bs + 1 <= kk:
+                continue
+            p = torch.zeros(t + 1, dtype=torch.float64)
+            for h in range(grp * g, (grp + 1) * g):
+                p += torch.softmax((k[: t + 1, grp].double() @ q[t, h].double()) * d ** -0.5, 0) / g
+            mass = torch.zeros(t // bs + 1, dtype=torch.float64).index_add_(0, torch.arange(t + 1) // bs, p)
+            top = set(mass.topk(kk).indices.tolist())
+            sel = {c for c in idx[grp, t].tolist() if c >= 0}
+            rec.append(len(sel & top) / kk)
+            mrec.append(float(sum(mass[c] for c in sel) / sum(mass[c] for c in top)))
+    return sum(rec) / len(rec), sum(mrec) / len(mrec)
+
+
+def test_recall_matches_brute_force():
+    torch.manual_seed(1)
+    n, hq, hkv, d, bs, kk = 40, 4, 2, 8, 4, 3
+    q, k = torch.randn(n, hq, d), torch.randn(n, hkv, d)
+    qi, ki = torch.randn(n, hkv, d), torch.randn(n, 1, d)
+    idx, _ = __import__("openmsa").indexer_topk(qi[None], ki[None], block_size=bs, topk=kk)
+    idx = idx[:, 0]
+    st = evaluate.block_recall_stats(q, k, idx, bs, max_bytes=4096)  # several row chunks
+    br, mr = brute_force_recall(q, k, idx, bs)
+    assert st["block_recall"] == pytest.approx(br, abs=1e-5)
+    assert st["mass_recall"] == pytest.approx(mr, abs=1e-5)
+    # selecting the true top-K blocks gives recall 1
+    oracle = torch.full_like(idx, -1)
+    for grp in range(hkv):
+        for t in range(n):
+            p = sum(torch.softmax((k[: t + 1, grp] @ q[t, h]) * d ** -0.5, 0) for h in range(grp * 2, grp * 2 + 2))
+            mass = torch.zeros(t // bs + 1).index_add_(0, torch.arange(t + 1) // bs, p)
+            top = mass.topk(min(kk, t // bs + 1)).indices
+            oracle[grp, t, : len(top)] = top
+    st = evaluate.block_recall_stats(q, k, oracle, bs, answer_rows=torch.tensor([30, 39]),
+                                     value_pos=torch.tensor([5, 21]))
+    assert st["block_recall"] == pytest.approx(1.0) and st["mass_recall"] == pytest.approx(1.0)
+    assert 0 <= st["pair_hit"] <= 1 and st["answer_mass_recall"] == pytest.approx(1.0)
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+TOY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+       "--head-dim", "16", "--mlp-hidden", "32", "--rotary-dim", "8", "--index-head-dim", "16",
+       "--block-size", "16", "--topk", "2", "--num-keys", "32", "--num-values", "16",
+       "--num-noise", "16", "--num-pairs", "8", "--num-queries", "4", "--train-len", "128",
+       "--tokens-per-step", "512", "--log-every", "2", "--val-every", "3", "--val-seqs", "4",
+       "--lr-warmup", "1"]
+
+
+def test_every_variant_end_to_end(tmp_path):
+    runs = tmp_path / "runs"
+    train.main(TOY + ["--variant", "dense", "--out", str(runs / "dense"), "--steps", "3",
+                      "--curriculum", "64", "--curriculum-steps", "1"])
+    train.main(TOY + ["--variant", "window", "--out", str(runs / "window"), "--steps", "3"])
+    train.main(TOY + ["--variant", "msa_native", "--out", str(runs / "msa_native"), "--steps", "4",
+                      "--warmup-steps", "2", "--curriculum", "64", "--curriculum-steps", "1"])
+    train.main(TOY + ["--variant", "msa_converted", "--out", str(runs / "msa_converted"),
+                      "--init", str(runs / "dense"), "--steps", "2", "--warmup-steps", "2"])
+    for v in ("dense", "window", "msa_native", "msa_converted"):
+        log = json.loads((runs / v / "log.json").read_text())
+        assert log["train"] and log["val"] and (runs / v / "model.pt").exists()
+        assert all(r["loss"] == r["loss"] for r in log["train"])  # no NaN
+    phases = [r["phase"] for r in json.loads((runs / "msa_native" / "log.json").read_text())["train"]]
+    assert phases[0] == "dense_warmup" and phases[-1] == "sparse"
+    conv = json.loads((runs / "msa_converted" / "log.json").read_text())
+    assert [r["phase"] for r in conv["train"]][0] == "index_warmup"
+    assert conv["val"][0]["phase"] == "converted_before_warmup"
+
+    evaluate.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]
+                  + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu"])
+    ev = json.loads((runs / "msa_native" / "eval.json").read_text())
+    c = ev["contexts"]["256"]
+    assert 0 <= c["acc"] <= 1 and len(c["acc_by_depth"]) == evaluate.DEPTH_BINS
+    assert len(c["recall"]) == 2 and 0 <= c["recall_mean"]["mass_recall"] <= 1 + 1e-6
+    assert "recall" not in json.loads((runs / "dense" / "eval.json").read_text())["contexts"]["256"]
+
+    report = tmp_path / "report"
+    plot.main(["--runs-dir", str(runs), "--out", str(report)])
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["contexts"] == [128, 256] and set(summary["accuracy"]) == set(plot.VARIANTS)
+    assert set(summary["targets"]["per_context"]["128"]) >= {"window_fails", "msa_native_within_2pt"}
+    assert (report / "results.md").exists() and (report / "msa_native" / "eval.json").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (report / "accuracy_vs_context.png").exists() and (report / "recall.png").exists()
+
+
+def test_converted_rejects_another_task(tmp_path):
+    train.main(TOY + ["--variant", "dense", "--out", str(tmp_path / "dense"), "--steps", "1", "--no-save"])
+    (tmp_path / "dense" / "model.pt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train.main(TOY + ["--num-pairs", "6", "--variant", "msa_converted", "--init",
+                               str(tmp_path / "dense"), "--out", str(tmp_path / "conv")])
+    with pytest.raises(SystemExit):
+        train.main(TOY + ["--variant", "msa_converted", "--out", str(tmp_path / "conv")])
+
+
+def test_run_all_smoke(tmp_path):
+    """The driver the GPU session runs, in its CPU smoke mode (every variant, a few steps)."""
+    r = subprocess.run(["bash", str(EXP / "run_all.sh"), str(tmp_path / "out"), "--smoke",
+                        "--pack", str(tmp_path / "pack")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for v in ("dense", "window", "msa_native", "msa_converted"):
+        assert (tmp_path / "out" / v / "eval.json").exists()
+        assert (tmp_path / "pack" / f"{v}.tgz").exists()
+    assert (tmp_path / "out" / "report" / "summary.json").exists()
