@@ -70,7 +70,11 @@ def copy_bandwidth(dev):
     return 2 * x.numel() / (r["median_us"] * 1e-6) / 1e12  # TB/s, read + write
 
 
-def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True):
+def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True, fp8="none", capture=None):
+    """One decode case; ``fp8``: "none" (bf16 pools), "index" (FP8 index keys with per-token
+    scales and FP8 index queries) or "index_kv" (also FP8 K/V pages, per-layer scales).
+    ``capture``: a list that receives the run() closure instead of timing it (profiling)."""
+    from ..serving.fp8 import FP8, quantize_fp8_per_token
     pages = ctx // B
     num_pages = batch * pages
     k_cache = torch.randn(num_pages, B, HKV, D, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -83,11 +87,23 @@ def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True):
     kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     w = MSADecodeWrapper(HQ, HKV, D, DI, block_size=B, topk=K)
     w.plan(cu_q, kv_lens, page_table, index_splits=index_splits)
-    res = {"batch": batch, "context": ctx, "q_per_request": nq,
+    res = {"batch": batch, "context": ctx, "q_per_request": nq, "fp8": fp8,
            "index_splits": w._plan["idx_splits"], "attention_splits": w._plan["attn_splits"]}
-    res["openmsa_us"] = graph_time(lambda: w.run(q, qi, k_cache, v_cache, ki_cache))
-    res["openmsa_topk_us"] = graph_time(lambda: w.run_index(qi, ki_cache))
-    res["index_key_bytes"] = batch * ctx * DI * 2
+    extra, ki_scale = {}, None
+    if fp8 in ("index", "index_kv"):
+        ki_cache, ki_scale = quantize_fp8_per_token(ki_cache)
+        qi = quantize_fp8_per_token(qi)[0]
+        extra["ki_scale"] = ki_scale
+    if fp8 == "index_kv":
+        k_cache, v_cache = k_cache.to(FP8), v_cache.to(FP8)
+        extra.update(k_scale=1.0, v_scale=1.0)
+    if capture is not None:
+        capture.append(lambda: w.run(q, qi, k_cache, v_cache, ki_cache, **extra))
+        return res
+    res["openmsa_us"] = graph_time(lambda: w.run(q, qi, k_cache, v_cache, ki_cache, **extra))
+    res["openmsa_topk_us"] = graph_time(lambda: w.run_index(qi, ki_cache, ki_scale=ki_scale))
+    # bytes the Index Branch must stream: the keys, plus the per-token scales in FP8
+    res["index_key_bytes"] = batch * ctx * (DI * ki_cache.element_size() + (4 if ki_scale is not None else 0))
     k_cache = v_cache = ki_cache = w = None  # free the pools before the dense cache
     if not dense:
         res["dense_us"] = {"median_us": float("nan"), "cv": 0.0}
@@ -117,6 +133,9 @@ def decode_main(argv=None):
     ap.add_argument("--index-splits", type=int, nargs="+", default=[0],
                     help="programs per request scanning its index keys (0: the plan's default)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    ap.add_argument("--fp8", nargs="+", default=["none"], choices=["none", "index", "index_kv"],
+                    help="pool precisions: none (bf16), index (FP8 index keys/queries), "
+                         "index_kv (also FP8 K/V pages)")
     ap.add_argument("--out", default="benchmarks/results/local/decode")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -130,16 +149,17 @@ def decode_main(argv=None):
             for batch in args.batches:
                 if batch * ctx > args.max_tokens:
                     continue
-                for isp in args.index_splits:
+                for isp, fp8 in [(i, f) for f in args.fp8 for i in args.index_splits]:
                     try:
-                        r = case(batch, ctx, nq, dev, gen, index_splits=isp or None, dense=not args.no_dense)
+                        r = case(batch, ctx, nq, dev, gen, index_splits=isp or None,
+                                 dense=not args.no_dense, fp8=fp8)
                     except torch.OutOfMemoryError as e:
                         print(f"  batch {batch} ctx {ctx} q {nq}: out of memory ({str(e)[:80]})", flush=True)
                         torch.cuda.empty_cache()
                         continue
                     r["topk_TBps"] = r["index_key_bytes"] / (r["openmsa_topk_us"]["median_us"] * 1e-6) / 1e12
                     rows.append(r)
-                    print(f"  q {nq:2d} ctx {ctx:8d} batch {batch:3d}: openmsa {r['openmsa_us']['median_us']:9.1f} us "
+                    print(f"  q {nq:2d} ctx {ctx:8d} batch {batch:3d} fp8 {fp8:8s}: openmsa {r['openmsa_us']['median_us']:9.1f} us "
                           f"(topk {r['openmsa_topk_us']['median_us']:8.1f} us, {r['topk_TBps']:.2f} TB/s)  "
                           f"dense {r['dense_us']['median_us']:9.1f} us  speedup {r['speedup']:5.2f}x  "
                           f"splits {r['index_splits']}/{r['attention_splits']}", flush=True)
@@ -148,10 +168,10 @@ def decode_main(argv=None):
         json.dump({"device": name, "torch": torch.__version__, "copy_TBps": bw, "rows": rows}, f, indent=1)
     lines = [f"Device: {name}, torch {torch.__version__}, bf16, Hq={HQ} Hkv={HKV} D=Di={D} B={B} K={K}; "
              f"CUDA-graph replays, median of 20 (us); copy bandwidth {bw:.2f} TB/s.", "",
-             "| q/request | context | batch | openmsa decode | of which Index Branch | index-key TB/s | dense SDPA | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| q/request | context | batch | FP8 | openmsa decode | of which Index Branch | index-key TB/s | dense SDPA | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['q_per_request']} | {r['context'] // 1024}K | {r['batch']} | "
+        lines.append(f"| {r['q_per_request']} | {r['context'] // 1024}K | {r['batch']} | {r.get('fp8', 'none')} | "
                      f"{r['openmsa_us']['median_us']:.1f} | {r['openmsa_topk_us']['median_us']:.1f} | "
                      f"{r['topk_TBps']:.2f} | {r['dense_us']['median_us']:.1f} | {r['speedup']:.2f}x |")
     with open(os.path.join(args.out, "decode.md"), "w") as f:
