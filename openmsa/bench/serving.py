@@ -70,7 +70,8 @@ def copy_bandwidth(dev):
     return 2 * x.numel() / (r["median_us"] * 1e-6) / 1e12  # TB/s, read + write
 
 
-def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True, fp8="none", capture=None):
+def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True, fp8="none", capture=None,
+         attention_splits=None):
     """One decode case; ``fp8``: "none" (bf16 pools), "index" (FP8 index keys with per-token
     scales and FP8 index queries) or "index_kv" (also FP8 K/V pages, per-layer scales).
     ``capture``: a list that receives the run() closure instead of timing it (profiling)."""
@@ -86,7 +87,7 @@ def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True, fp8="none", ca
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev) * nq
     kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     w = MSADecodeWrapper(HQ, HKV, D, DI, block_size=B, topk=K)
-    w.plan(cu_q, kv_lens, page_table, index_splits=index_splits)
+    w.plan(cu_q, kv_lens, page_table, index_splits=index_splits, attention_splits=attention_splits)
     res = {"batch": batch, "context": ctx, "q_per_request": nq, "fp8": fp8,
            "index_splits": w._plan["idx_splits"], "attention_splits": w._plan["attn_splits"]}
     extra, ki_scale = {}, None
@@ -132,6 +133,8 @@ def decode_main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=8 << 20, help="skip batch x context above this")
     ap.add_argument("--index-splits", type=int, nargs="+", default=[0],
                     help="programs per request scanning its index keys (0: the plan's default)")
+    ap.add_argument("--attention-splits", type=int, default=0,
+                    help="programs per (query, group) sharing its K blocks (0: the plan's default)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     ap.add_argument("--fp8", nargs="+", default=["none"], choices=["none", "index", "index_kv"],
                     help="pool precisions: none (bf16), index (FP8 index keys/queries), "
@@ -152,7 +155,8 @@ def decode_main(argv=None):
                 for isp, fp8 in [(i, f) for f in args.fp8 for i in args.index_splits]:
                     try:
                         r = case(batch, ctx, nq, dev, gen, index_splits=isp or None,
-                                 dense=not args.no_dense, fp8=fp8)
+                                 dense=not args.no_dense, fp8=fp8,
+                                 attention_splits=args.attention_splits or None)
                     except torch.OutOfMemoryError as e:
                         print(f"  batch {batch} ctx {ctx} q {nq}: out of memory ({str(e)[:80]})", flush=True)
                         torch.cuda.empty_cache()

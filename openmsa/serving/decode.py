@@ -234,7 +234,7 @@ class MSADecodeWrapper:
         with 1 page, 1321 with 2; benchmarks/results/h100/decode/sweeps/).
         OPENMSA_DECODE_INDEX_PAGES overrides."""
         env = os.environ.get("OPENMSA_DECODE_INDEX_PAGES")
-        return int(env) if env else (2 if rows <= 16 else 1)
+        return int(env) if env and int(env) > 0 else (2 if rows <= 16 else 1)
 
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
@@ -292,8 +292,10 @@ class MSADecodeWrapper:
             KV_FP8=k_cache.dtype == FP8,
             num_warps=4, num_stages=2)
         if asplit > 1:
-            kern["decode_attention_merge_kernel"][(total_q, hkv)](
+            nsp = triton.next_power_of_2(asplit)
+            hc = max(1, min(g_pad, 4096 // (nsp * self.head_dim)))  # a [nsp, hc, D] tile: ~32 floats a thread
+            kern["decode_attention_merge_kernel"][(total_q, hkv, g_pad // hc)](
                 p["part_o"], p["part_lse"], out, lse, asplit, hkv,
                 out.stride(0), out.stride(1), lse.stride(0),
-                G=g, G_PAD=g_pad, D=self.head_dim, NSPLIT_PAD=triton.next_power_of_2(asplit), num_warps=4)
+                G=g, G_PAD=g_pad, HC=hc, D=self.head_dim, NSPLIT_PAD=nsp, num_warps=4)
         return out, lse

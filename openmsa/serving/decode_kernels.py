@@ -281,27 +281,30 @@ def decode_attention_split_kernel(
 def decode_attention_merge_kernel(
     PART_O, PART_LSE, OUT, LSE, num_splits, num_groups,
     stride_ot, stride_oh, stride_lt,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, NSPLIT_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, HC: tl.constexpr, D: tl.constexpr,
+    NSPLIT_PAD: tl.constexpr,
 ):
-    """out[t, heads of g] = the splits' partial outputs weighted by exp(lse_s - lse)."""
+    """out[t, heads of g] = the splits' partial outputs weighted by exp(lse_s - lse).
+
+    Program (t, g, c) merges HC heads of the group: all splits' partials are loaded as one
+    [NSPLIT_PAD, HC, D] tile, so their loads are in flight together (a loop over the splits
+    issues them one after another: 7.4 us for 16 splits at batch 1 on the H100, where the
+    few programs are latency-bound)."""
     t = tl.program_id(0)
     g = tl.program_id(1)
-    h = tl.arange(0, G_PAD)
+    h = tl.program_id(2) * HC + tl.arange(0, HC)
     d = tl.arange(0, D)
     sp = tl.arange(0, NSPLIT_PAD)
     base = (t.to(tl.int64) * num_groups + g) * num_splits
-    prow = (base + sp)[:, None] * G_PAD + h[None, :]  # [NSPLIT_PAD, G_PAD]
+    prow = (base + sp)[:, None] * G_PAD + h[None, :]  # [NSPLIT_PAD, HC]
     sp_ok = (sp < num_splits)[:, None]
     lse_s = tl.load(PART_LSE + prow, mask=sp_ok, other=float("-inf"))
     mx = tl.max(lse_s, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse_s - mx_safe[None, :])  # 0 for empty splits
     den = tl.sum(w, 0)
-    acc = tl.zeros((G_PAD, D), tl.float32)
-    for s in range(0, num_splits):
-        ws = tl.sum(tl.where(sp[:, None] == s, w, 0.0), 0)  # [G_PAD]
-        po = tl.load(PART_O + ((base + s) * G_PAD + h)[:, None] * D + d[None, :])
-        acc += ws[:, None] * po
+    po = tl.load(PART_O + prow[:, :, None] * D + d[None, None, :], mask=sp_ok[:, :, None], other=0.0)
+    acc = tl.sum(w[:, :, None] * po, 0)  # [HC, D]
     den_safe = tl.where(den > 0, den, 1.0)
     out = acc / den_safe[:, None]
     lse = tl.where(den > 0, mx_safe + tl.log(den_safe), float("-inf"))
