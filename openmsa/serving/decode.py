@@ -227,14 +227,17 @@ class MSADecodeWrapper:
         return None
 
     @staticmethod
-    def _index_pages(rows: int) -> int:
-        """Index-key pages per scan step: 2 for up to 16 rows (more bytes in flight for the
-        few programs of a small batch: 1M tokens, batch 1, H100: 110 vs 112 us with 128
-        splits), 1 for more rows (register pressure: 128K, batch 64, 8 tokens: 1014 us
-        with 1 page, 1321 with 2; benchmarks/results/h100/decode/sweeps/).
-        OPENMSA_DECODE_INDEX_PAGES overrides."""
+    def _index_pages(rows: int, fp8: bool = False) -> int:
+        """Index-key pages per scan step: for up to 16 rows 2 pages (more bytes in flight for
+        the few programs of a small batch: 1M tokens, batch 1, H100: 110 vs 112 us with 128
+        splits), 4 with FP8 keys (the same bytes per step: H200, 63 vs 67 us); 1 page for
+        more rows (register pressure: 128K, batch 64, 8 tokens: 1014 us with 1 page, 1321
+        with 2; benchmarks/results/h100/decode/sweeps/). OPENMSA_DECODE_INDEX_PAGES
+        overrides."""
         env = os.environ.get("OPENMSA_DECODE_INDEX_PAGES")
-        return int(env) if env and int(env) > 0 else (2 if rows <= 16 else 1)
+        if env and int(env) > 0:
+            return int(env)
+        return (4 if fp8 else 2) if rows <= 16 else 1
 
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
@@ -250,7 +253,7 @@ class MSADecodeWrapper:
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
             ki_scale.stride(0) if ki_scale is not None else 0,
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"]),
+            TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None, num_warps=4,
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
