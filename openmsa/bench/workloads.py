@@ -57,8 +57,11 @@ def decode_case(case, hq, hkv, dev, gen):
     bs, nq = case["batch_size"], case["q_len_per_req"]
     lens = decode_lengths(case)
     pages = [-(-n // PAGE) for n in lens]
-    # bytes one call touches: every index key + the K/V blocks its queries select (bound)
-    touched = sum(lens) * DI * 2 + sum(min(p, K) for p in pages) * nq * hkv * PAGE * D * 2 * 2
+    # distinct bytes one call surely touches: every index key, plus at least min(pages, K)
+    # distinct K/V pages a request (its queries share pages; a page holds every KV head).
+    # A lower bound, so that the rotation errs towards more slots (counting each query's
+    # and head's blocks apart, as this did first, under-rotated the small cases to 1 slot)
+    touched = sum(lens) * DI * 2 + sum(min(p, K) for p in pages) * hkv * PAGE * D * 2 * 2
     slots = next((s for s in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24, 30, 40, 60, 120)
                   if s * touched > 2 * L2_BYTES), 120)
     per_slot = sum(pages)
