@@ -11,8 +11,8 @@ One sequence of ``length`` tokens:
 - After SEP come ``num_queries`` of those keys (a random subset, in random order), each
   followed by its value. The model is supervised only on the value after each query key
   (labels are -100 elsewhere), and accuracy is the exact match of those answer tokens.
-- The pairs that are never queried are distractors: the model must find *its* key, not
-  any key.
+- Distractors: the filler, the other pairs (the model must find *its* key, not any key),
+  and with num_pairs > num_queries pairs that are never asked for.
 
 Why a short window cannot solve it: a query's pair lies anywhere in the haystack, so a
 sliding window of W tokens at the end sees only about W / length of the pairs (~12% at
@@ -36,11 +36,11 @@ NUM_SPECIAL = 3
 
 @dataclass(frozen=True)
 class TaskConfig:
-    num_keys: int = 512      # key vocabulary (keys of a sequence are drawn without replacement)
-    num_values: int = 256    # value vocabulary
-    num_noise: int = 256     # filler vocabulary
-    num_pairs: int = 64      # pairs hidden in the haystack (queried ones + distractors)
-    num_queries: int = 32    # pairs asked for at the end
+    num_keys: int = 128      # key vocabulary (keys of a sequence are drawn without replacement)
+    num_values: int = 64     # value vocabulary
+    num_noise: int = 64      # filler vocabulary
+    num_pairs: int = 16      # pairs hidden in the haystack
+    num_queries: int = 16    # pairs asked for at the end (the rest are distractor pairs)
 
     def __post_init__(self):
         if self.num_pairs > self.num_keys:

@@ -62,11 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     g = p.add_argument_group("task")
-    g.add_argument("--num-keys", type=int, default=512)
-    g.add_argument("--num-values", type=int, default=256)
-    g.add_argument("--num-noise", type=int, default=256)
-    g.add_argument("--num-pairs", type=int, default=64)
-    g.add_argument("--num-queries", type=int, default=32)
+    g.add_argument("--num-keys", type=int, default=128)
+    g.add_argument("--num-values", type=int, default=64)
+    g.add_argument("--num-noise", type=int, default=64)
+    g.add_argument("--num-pairs", type=int, default=16)
+    g.add_argument("--num-queries", type=int, default=16)
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=int, default=256)
     g.add_argument("--layers", type=int, default=4)
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     g.add_argument("--no-token-shift", action="store_true",
                    help="drop the token shift before attention (model.py says why it is there)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--steps", type=int, default=2000,
+    g.add_argument("--steps", type=int, default=1500,
                    help="optimizer steps (msa_native: warmup included; msa_converted: the "
                         "sparse fine-tuning after the index warmup)")
     g.add_argument("--train-len", type=int, default=4096)
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     g.add_argument("--curriculum-steps", type=int, default=0,
                    help="steps spent on the curriculum lengths (equal shares)")
     g.add_argument("--tokens-per-step", type=int, default=65536)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=1.5e-3)
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--lr-warmup", type=int, default=100, help="linear LR warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -103,7 +103,9 @@ def parse_args(argv=None):
                    help="MSA dense-mode steps (native: at the start, everything trains; "
                         "converted: index only, before --steps)")
     g.add_argument("--warmup-len", type=int, default=None,
-                   help="msa_converted: length of the index warmup (default --train-len)")
+                   help="length of the dense-mode warmup steps (default: converted --train-len, "
+                        "native the curriculum's; the reference loops over sequences, so short "
+                        "ones at a constant token budget cost many small GPU ops)")
     g.add_argument("--index-lr", type=float, default=1e-3, help="msa_converted: index warmup LR")
     g.add_argument("--kl-weight", type=float, default=0.1, help="lambda in CE + lambda * KL")
     g.add_argument("--index-init", default="copy", choices=["copy", "random"],
@@ -371,7 +373,7 @@ def main(argv=None):
         if is_msa:
             phase = "dense_warmup" if step < native_warmup else "sparse"
             set_msa_mode(model, "dense" if step < native_warmup else "sparse")
-        length = length_at(step, a)
+        length = a.warmup_len if step < native_warmup and a.warmup_len else length_at(step, a)
         lr = lr_at(step, a.steps, a.lr, a.lr_warmup, a.min_lr_frac)
         for grp in opt.param_groups:
             grp["lr"] = lr
