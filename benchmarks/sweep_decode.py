@@ -25,23 +25,27 @@ def main():
     ap.add_argument("--fp8", nargs="+", default=["none", "index"])
     ap.add_argument("--pages", nargs="+", default=["2", "4"])
     ap.add_argument("--stages", nargs="+", default=["2", "3", "4"])
+    ap.add_argument("--warps", nargs="+", default=["4"])
     ap.add_argument("--index-splits", type=int, nargs="+", default=[0])
     ap.add_argument("--attention-splits", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    for fp8, pages, stages, isp, asp in itertools.product(args.fp8, args.pages, args.stages,
-                                                        args.index_splits, args.attention_splits):
+    for fp8, pages, stages, warps, isp, asp in itertools.product(
+            args.fp8, args.pages, args.stages, args.warps, args.index_splits, args.attention_splits):
         os.environ["OPENMSA_DECODE_INDEX_PAGES"] = pages
+        os.environ["OPENMSA_DECODE_INDEX_WARPS"] = warps
         os.environ["OPENMSA_DECODE_INDEX_STAGES"] = stages
         try:
             r = serving.case(args.batch, args.context, args.q, dev, gen, index_splits=isp or None,
                              dense=False, fp8=fp8, attention_splits=asp or None)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a knob setting
-            print(f"fp8 {fp8:5s} pages {pages} stages {stages} splits {isp}/{asp}: {type(e).__name__} {str(e)[:80]}")
+            print(f"fp8 {fp8:5s} pages {pages} stages {stages} warps {warps} splits {isp}/{asp}: "
+                  f"{type(e).__name__} {str(e)[:80]}")
             continue
         tb = r["index_key_bytes"] / (r["openmsa_topk_us"]["median_us"] * 1e-6) / 1e12
-        print(f"fp8 {fp8:5s} pages {pages} stages {stages} splits {r['index_splits']:3d}/{r['attention_splits']:2d}: "
+        print(f"fp8 {fp8:5s} pages {pages} stages {stages} warps {warps} "
+              f"splits {r['index_splits']:4d}/{r['attention_splits']:2d}: "
               f"decode {r['openmsa_us']['median_us']:7.1f} us  index {r['openmsa_topk_us']['median_us']:7.1f} us "
               f"({tb:.2f} TB/s)", flush=True)
         torch.cuda.empty_cache()

@@ -94,6 +94,7 @@ CASES = [
     ([300, 77], [2, 1], 8, 2, 5, dict(attention_splits=5, index_splits=64)),  # two merge levels
     ([2000, 77], [1, 2], 8, 2, 5, dict(attention_splits=4, index_splits=37)),  # partial last group
     ([200], [1], 8, 2, 1, dict(attention_splits=1, index_splits=3)),  # K = 1: local block only
+    ([2000, 77], [1, 2], 8, 2, 5, dict(index_splits=300)),  # > 256 splits, most of them empty
 ]
 
 

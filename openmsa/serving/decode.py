@@ -41,7 +41,7 @@ from ._plan import check_int, check_step_metadata, check_wrapper_config
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
 FP8 = torch.float8_e4m3fn
-_MAX_INDEX_SPLITS = 256
+_MAX_INDEX_SPLITS = 1024
 _MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
 
 
@@ -74,7 +74,7 @@ class MSADecodeWrapper:
              attention_splits: int | None = None) -> None:
         """Request metadata of one step (see the module docstring); ``dtype`` is the dtype
         of q and of the output. ``index_splits`` (programs per request scanning its index
-        keys, at most 64) and ``attention_splits`` (programs per (query, group) sharing its
+        keys, at most 1024) and ``attention_splits`` (programs per (query, group) sharing its
         K selected blocks, at most K) override the defaults, which aim at two programs per
         SM."""
         cu, lens, qlens = check_step_metadata(cu_seqlens_q, kv_lens, page_table, dtype,
@@ -255,7 +255,8 @@ class MSADecodeWrapper:
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
             TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-            NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None, num_warps=4,
+            NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
+            num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
         cand, nlists = p["cand"], nsplit
         if nsplit > _MERGE_GROUP:
