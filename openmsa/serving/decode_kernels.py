@@ -42,6 +42,65 @@ from ..ops.indexer.kernels import _INT64_MAX, _NAN_ORD, _PAD_BASE, _max_nan
 
 
 @triton.jit
+def _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d,
+                      stride_kp, stride_kt, stride_pb, stride_sp,
+                      BLOCK: tl.constexpr, KI_FP8: tl.constexpr):
+    """Index keys of logical pages [cb, cb + PAGES) of request b (masked at c1): [PAGES * B,
+    Di], and their per-token FP8 scales [PAGES * B] (ones for 16-bit keys)."""
+    cpage = cb + jj // BLOCK
+    ok = cpage < c1
+    page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + cpage, mask=ok, other=0).to(tl.int64)
+    kblk = tl.load(KI_CACHE + page[:, None] * stride_kp + (jj % BLOCK)[:, None] * stride_kt + d[None, :],
+                   mask=ok[:, None], other=0.0)
+    if KI_FP8:
+        ksc = tl.load(KI_SCALE + page * stride_sp + jj % BLOCK, mask=ok, other=0.0)
+    else:
+        ksc = tl.full(jj.shape, 1.0, tl.float32)
+    return kblk, ksc
+
+
+@triton.jit
+def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale, QDTYPE: tl.constexpr,
+                       ROWS: tl.constexpr, PAGES: tl.constexpr, BLOCK: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr):
+    """Block scores of PAGES pages for every row, inserted into the rows' streaming Top-(K-1)
+    of int64 keys (score order, then the lower block id)."""
+    if KI_FP8:
+        # FP8 (E4M3) index keys with one float32 scale per token: half the bytes of the
+        # scan. qi is FP8 too (an FP8 MMA; its per-row scale cannot change a row's
+        # ranking, so it is not needed) or 16-bit (the keys are converted to it).
+        z = tl.dot(qi, tl.trans(kblk.to(QDTYPE)))
+        z = z * ksc[None, :]
+    else:
+        z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
+    z3 = tl.reshape(z, (ROWS, PAGES, BLOCK))
+    if NAN_MAX_REDUCE:
+        bmax_all = tl.reduce(z3, 2, _max_nan)
+    else:
+        bmax_all = tl.max(z3, axis=2)
+        bmax_all = tl.where(tl.sum((z3 != z3).to(tl.int32), axis=2) > 0, float("nan"), bmax_all)
+    for pi in tl.static_range(PAGES):
+        c = cb + pi
+        if PAGES == 1:
+            bmax = tl.reshape(bmax_all, (ROWS,))
+        else:
+            # column pi (a masked sum with one term; NaN kept by the where)
+            bmax = tl.sum(tl.where(pg[None, :] == pi, bmax_all, 0.0), 1)
+            bmax = tl.where(tl.sum(tl.where(pg[None, :] == pi, (bmax_all != bmax_all).to(tl.int32), 0), 1) > 0,
+                            float("nan"), bmax)
+        score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
+        score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
+        u = score.to(tl.int32, bitcast=True)
+        o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
+        o = tl.where(score != score, _NAN_ORD, o)
+        cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
+        ins = row_ok & (c < local) & (c < c1) & (cand > kmin)
+        keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
+        kmin = tl.min(keys, axis=1)
+    return keys, kmin
+
+
+@triton.jit
 def decode_topk_split_kernel(
     QI, KI_CACHE, PAGE_TABLE, ROW_SEQ_START, KV_LENS, CAND, PAGES_PER_SPLIT, KI_SCALE,
     scale, num_splits,
@@ -49,6 +108,7 @@ def decode_topk_split_kernel(
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -79,44 +139,27 @@ def decode_topk_split_kernel(
     # program (the scan is memory-bound; a small batch has few programs)
     jj = tl.arange(0, PAGES * BLOCK)
     pg = tl.arange(0, PAGES)
-    for cb in range(c0, c1, PAGES):
-        cpage = cb + jj // BLOCK
-        page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + cpage, mask=cpage < c1, other=0).to(tl.int64)
-        kblk = tl.load(KI_CACHE + page[:, None] * stride_kp + (jj % BLOCK)[:, None] * stride_kt + d[None, :],
-                       mask=(cpage < c1)[:, None], other=0.0)
-        if KI_FP8:
-            # FP8 (E4M3) index keys with one float32 scale per token: half the bytes of the
-            # scan. qi is FP8 too (an FP8 MMA; its per-row scale cannot change a row's
-            # ranking, so it is not needed) or 16-bit (the keys are converted to it).
-            z = tl.dot(qi, tl.trans(kblk.to(QI.dtype.element_ty)))
-            ksc = tl.load(KI_SCALE + page * stride_sp + jj % BLOCK, mask=cpage < c1, other=0.0)
-            z = z * ksc[None, :]
-        else:
-            z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
-        z3 = tl.reshape(z, (ROWS, PAGES, BLOCK))
-        if NAN_MAX_REDUCE:
-            bmax_all = tl.reduce(z3, 2, _max_nan)
-        else:
-            bmax_all = tl.max(z3, axis=2)
-            bmax_all = tl.where(tl.sum((z3 != z3).to(tl.int32), axis=2) > 0, float("nan"), bmax_all)
-        for pi in tl.static_range(PAGES):
-            c = cb + pi
-            if PAGES == 1:
-                bmax = tl.reshape(bmax_all, (ROWS,))
-            else:
-                # column pi (a masked sum with one term; NaN kept by the where)
-                bmax = tl.sum(tl.where(pg[None, :] == pi, bmax_all, 0.0), 1)
-                bmax = tl.where(tl.sum(tl.where(pg[None, :] == pi, (bmax_all != bmax_all).to(tl.int32), 0), 1) > 0,
-                                float("nan"), bmax)
-            score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
-            score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
-            u = score.to(tl.int32, bitcast=True)
-            o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
-            o = tl.where(score != score, _NAN_ORD, o)
-            cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
-            ins = row_ok & (c < local) & (c < c1) & (cand > kmin)
-            keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
-            kmin = tl.min(keys, axis=1)
+    if PREFETCH:
+        # keys of the next step loaded while this step's are scored (the loads are issued
+        # before the scoring and first used an iteration later): the compiled loop keeps
+        # one key buffer whatever num_stages says, so without this each step waits for its
+        # own keys
+        kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, c0, c1, jj, d,
+                                      stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
+        for cb in range(c0, c1, PAGES):
+            nkblk, nksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb + PAGES, c1, jj, d,
+                                            stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
+            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+                                            QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
+                                            NAN_MAX_REDUCE, KI_FP8)
+            kblk, ksc = nkblk, nksc
+    else:
+        for cb in range(c0, c1, PAGES):
+            kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d,
+                                          stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
+            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+                                            QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
+                                            NAN_MAX_REDUCE, KI_FP8)
     # sorted lists (best first) let the merge combine two lists with one max and one sort
     keys = tl.where(col[None, :] < NSEL, keys, _PAD_BASE)
     keys = tl.sort(keys, 1, descending=True)
