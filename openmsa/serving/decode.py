@@ -239,12 +239,6 @@ class MSADecodeWrapper:
             return int(env)
         return (4 if fp8 else 2) if rows <= 16 else 1
 
-    @staticmethod
-    def _index_prefetch() -> bool:
-        """Load the next scan step's index keys while scoring the current ones
-        (OPENMSA_DECODE_INDEX_PREFETCH=1/0)."""
-        return os.environ.get("OPENMSA_DECODE_INDEX_PREFETCH", "0") == "1"
-
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
         topk_idx = p["topk"]
@@ -262,7 +256,6 @@ class MSADecodeWrapper:
             TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
-            PREFETCH=self._index_prefetch(),
             num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
             num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
         cand, nlists = p["cand"], nsplit

@@ -108,7 +108,6 @@ def decode_topk_split_kernel(
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -139,27 +138,15 @@ def decode_topk_split_kernel(
     # program (the scan is memory-bound; a small batch has few programs)
     jj = tl.arange(0, PAGES * BLOCK)
     pg = tl.arange(0, PAGES)
-    if PREFETCH:
-        # keys of the next step loaded while this step's are scored (the loads are issued
-        # before the scoring and first used an iteration later): the compiled loop keeps
-        # one key buffer whatever num_stages says, so without this each step waits for its
-        # own keys
-        kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, c0, c1, jj, d,
+    # (the compiled loop keeps one key buffer whatever num_stages says, so each step waits for
+    # its keys; prefetching the next step's keys into registers was slower on the H100:
+    # benchmarks/NOTES.md)
+    for cb in range(c0, c1, PAGES):
+        kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d,
                                       stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
-        for cb in range(c0, c1, PAGES):
-            nkblk, nksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb + PAGES, c1, jj, d,
-                                            stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
-            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
-                                            QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
-                                            NAN_MAX_REDUCE, KI_FP8)
-            kblk, ksc = nkblk, nksc
-    else:
-        for cb in range(c0, c1, PAGES):
-            kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d,
-                                          stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
-            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
-                                            QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
-                                            NAN_MAX_REDUCE, KI_FP8)
+        keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+                                        QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
+                                        NAN_MAX_REDUCE, KI_FP8)
     # sorted lists (best first) let the merge combine two lists with one max and one sort
     keys = tl.where(col[None, :] < NSEL, keys, _PAD_BASE)
     keys = tl.sort(keys, 1, descending=True)
