@@ -155,6 +155,84 @@ def decode_topk_split_kernel(
 
 
 @triton.jit
+def _tma_index_page(KI_DESC, KI_SCALE, PAGE_TABLE, b, c, c1, jj, stride_pb, stride_sp,
+                    BLOCK: tl.constexpr, DI: tl.constexpr, KI_FP8: tl.constexpr):
+    """Index keys [B, Di] of logical page c of request b through the TMA descriptor (page 0
+    for c >= c1), and their FP8 scales (ones for 16-bit keys)."""
+    page = tl.load(PAGE_TABLE + b.to(tl.int64) * stride_pb + c, mask=c < c1, other=0)
+    kblk = tl.reshape(KI_DESC.load([page, 0, 0]), (BLOCK, DI))
+    if KI_FP8:
+        ksc = tl.load(KI_SCALE + page.to(tl.int64) * stride_sp + jj)
+    else:
+        ksc = tl.full((BLOCK,), 1.0, tl.float32)
+    return kblk, ksc
+
+
+@triton.jit
+def decode_topk_split_tma_kernel(
+    QI, KI_DESC, PAGE_TABLE, ROW_SEQ_START, KV_LENS, CAND, PAGES_PER_SPLIT, KI_SCALE,
+    scale, num_splits,
+    stride_qt, stride_qh, stride_pb, stride_sp,
+    HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """decode_topk_split_kernel with one page per step read through a TMA descriptor of the
+    index-key pool ([num_pages, B, Di], box [1, B, Di]): the bulk-copy engine moves the
+    page, and the pipeliner can keep several pages in flight (the pointer-load kernel holds
+    one buffer whatever num_stages says)."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    NSEL: tl.constexpr = TOPK - 1
+    pages_per_split = tl.load(PAGES_PER_SPLIT)
+    q0 = tl.load(ROW_SEQ_START + b)
+    nq = tl.load(ROW_SEQ_START + b + 1) - q0
+    kv_len = tl.load(KV_LENS + b)
+    r = tl.arange(0, ROWS)
+    i = r // HKV
+    g = r % HKV
+    row_ok = (i < nq) & (i < QMAX)
+    pos = kv_len - nq + i
+    local = tl.where(row_ok, pos // BLOCK, 0)
+    d = tl.arange(0, DI)
+    qi = tl.load(QI + (q0 + i).to(tl.int64)[:, None] * stride_qt + g[:, None] * stride_qh + d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    col = tl.arange(0, KPAD)
+    keys = tl.where(col[None, :] < NSEL, _PAD_BASE + col[None, :].to(tl.int64),
+                    tl.full([ROWS, KPAD], _INT64_MAX, tl.int64))
+    kmin = tl.min(keys, axis=1)
+    n_cand = tl.max(local, axis=0)
+    c0 = s * pages_per_split
+    c1 = tl.minimum(c0 + pages_per_split, n_cand)
+    jj = tl.arange(0, BLOCK)
+    pg = tl.arange(0, 1)
+    if PREFETCH:
+        # the next page's copy is issued before this page is scored (the pipeliner keeps one
+        # buffer for this page-table-indexed load); a page past the split loads page 0
+        kblk, ksc = _tma_index_page(KI_DESC, KI_SCALE, PAGE_TABLE, b, c0, c1, jj, stride_pb, stride_sp,
+                                    BLOCK, DI, KI_FP8)
+        for cb in range(c0, c1):
+            nkblk, nksc = _tma_index_page(KI_DESC, KI_SCALE, PAGE_TABLE, b, cb + 1, c1, jj, stride_pb,
+                                          stride_sp, BLOCK, DI, KI_FP8)
+            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+                                            QI.dtype.element_ty, ROWS, 1, BLOCK, DOT_PRECISION,
+                                            NAN_MAX_REDUCE, KI_FP8)
+            kblk, ksc = nkblk, nksc
+    else:
+        for cb in range(c0, c1):
+            kblk, ksc = _tma_index_page(KI_DESC, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, stride_pb, stride_sp,
+                                        BLOCK, DI, KI_FP8)
+            keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+                                            QI.dtype.element_ty, ROWS, 1, BLOCK, DOT_PRECISION,
+                                            NAN_MAX_REDUCE, KI_FP8)
+    keys = tl.where(col[None, :] < NSEL, keys, _PAD_BASE)
+    keys = tl.sort(keys, 1, descending=True)
+    base = ((b * num_splits + s).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
+    tl.store(CAND + base, keys)
+
+
+@triton.jit
 def _merge_sorted_lists(keys, NLISTS: tl.constexpr, LOG2: tl.constexpr, KPAD: tl.constexpr):
     """[NLISTS, KPAD] lists sorted best first -> the best KPAD keys of all, sorted [KPAD].
     For two sorted lists a, b, max(a, reversed b) holds the best KPAD keys of their union
