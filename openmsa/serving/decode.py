@@ -38,8 +38,7 @@ import triton
 from .. import _backend
 from ._plan import check_int, check_step_metadata, check_wrapper_config
 
-_KERNELS = ("decode_topk_split_kernel", "decode_topk_split_tma_kernel", "decode_topk_reduce_kernel",
-            "decode_topk_merge_kernel",
+_KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
 FP8 = torch.float8_e4m3fn
 _MAX_INDEX_SPLITS = 1024
@@ -240,12 +239,6 @@ class MSADecodeWrapper:
             return int(env)
         return (4 if fp8 else 2) if rows <= 16 else 1
 
-    @staticmethod
-    def _index_tma(ki_cache) -> bool:
-        """Read the index keys through a TMA descriptor (OPENMSA_DECODE_INDEX_TMA=1; Hopper
-        and later, a contiguous 16-byte aligned pool)."""
-        return os.environ.get("OPENMSA_DECODE_INDEX_TMA", "0") == "1"
-
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
         topk_idx = p["topk"]
@@ -253,35 +246,18 @@ class MSADecodeWrapper:
             return topk_idx
         kern = _kernels(p["device"])
         hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
-        if self._index_tma(ki_cache):
-            # one page per step through a TMA descriptor ([num_pages, B, Di], box [1, B, Di])
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            desc = TensorDescriptor(ki_cache, list(ki_cache.shape), list(ki_cache.stride()), [1, bs, self.index_head_dim])
-            kern["decode_topk_split_tma_kernel"][(p["batch"], nsplit)](
-                qi, desc, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
-                ki_scale if ki_scale is not None else p["pages_per_split"],
-                self.index_softmax_scale, nsplit,
-                qi.stride(0), qi.stride(1), p["page_table"].stride(0),
-                ki_scale.stride(0) if ki_scale is not None else 0,
-                HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-                TOPK=topk, KPAD=kpad, DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-                NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
-                PREFETCH=os.environ.get("OPENMSA_DECODE_INDEX_PREFETCH", "1") == "1",
-                num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
-                num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
-        else:
-            kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
-                qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
-                ki_scale if ki_scale is not None else p["pages_per_split"],
-                self.index_softmax_scale, nsplit,
-                qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
-                ki_scale.stride(0) if ki_scale is not None else 0,
-                HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-                TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
-                DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-                NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
-                num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
-                num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
+        kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
+            qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
+            ki_scale if ki_scale is not None else p["pages_per_split"],
+            self.index_softmax_scale, nsplit,
+            qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
+            ki_scale.stride(0) if ki_scale is not None else 0,
+            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
+            TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
+            DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
+            NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
+            num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
+            num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
         cand, nlists = p["cand"], nsplit
         if nsplit > _MERGE_GROUP:
             ngroups = -(-nsplit // _MERGE_GROUP)
