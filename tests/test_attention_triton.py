@@ -13,15 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import openmsa  # noqa: E402
+from helpers import rel_finite as rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    fin = torch.isfinite(b)
-    assert torch.equal(fin, torch.isfinite(a)), "non-finite entries differ"
-    return ((a - b)[fin].norm() / b[fin].norm().clamp_min(1e-30)).item()
 
 
 def make(lens_q, lens_k, hq, hkv, d, dtype, gen, device=DEV):

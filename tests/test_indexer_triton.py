@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import openmsa  # noqa: E402
+from helpers import rel_finite as rel  # noqa: E402
 from openmsa.ops.indexer import triton_impl  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
@@ -55,14 +56,6 @@ def make_inputs(pack, hkv, di, dtype, gen):
     return qi, ki, cu_q, cu_k
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    fin = torch.isfinite(b)
-    assert torch.equal(fin, torch.isfinite(a)), "non-finite entries differ"
-    assert torch.equal(a[~fin].nan_to_num(), b[~fin].nan_to_num()), "non-finite values differ"
-    if not fin.any():
-        return 0.0
-    return ((a - b)[fin].norm() / b[fin].norm().clamp_min(1e-30)).item()
 
 
 def as_sets(idx):

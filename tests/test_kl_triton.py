@@ -19,14 +19,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import openmsa  # noqa: E402
+from helpers import rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def cu(lens, device=DEV):

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import openmsa  # noqa: E402
+from helpers import rel_finite as rel  # noqa: E402
 from openmsa.serving import (  # noqa: E402
     PagedMSACache, append_paged_kv, gather_paged, paged_indexer_topk_reference,
     paged_msa_reference, paged_sparse_attention_reference, slot_mapping,
@@ -36,11 +37,6 @@ def cumsum0(lens):
     return i32(out)
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    fin = torch.isfinite(b)
-    assert torch.equal(fin, torch.isfinite(a)), "non-finite entries differ"
-    return ((a - b)[fin].norm() / b[fin].norm().clamp_min(1e-30)).item()
 
 
 def shuffled_page_table(lens, page_size, gen, extra_cols=2, spare_pages=3, fill=-1):

@@ -20,34 +20,13 @@ import torch  # noqa: E402
 
 import openmsa  # noqa: E402
 from openmsa.serving.decode import MSADecodeWrapper  # noqa: E402
+from helpers import make_paged, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make_paged(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen, device=DEV, spare_pages=3):
-    """Random pools with each request's pages at shuffled physical pages."""
-    batch = len(kv_lens)
-    max_pages = max([-(-n // bs) for n in kv_lens] + [1]) + 1
-    num_pages = batch * max_pages + spare_pages
-    perm = torch.randperm(num_pages, generator=gen)
-    page_table = perm[:batch * max_pages].view(batch, max_pages).to(torch.int32)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=gen).to(dtype)
-    k_cache, v_cache = rnd(num_pages, bs, hkv, d), rnd(num_pages, bs, hkv, d)
-    ki_cache = rnd(num_pages, bs, di)
-    tq = sum(qlens)
-    q, qi = rnd(tq, hq, d), rnd(tq, hkv, di)
-    cu_q = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    kv = torch.tensor(kv_lens, dtype=torch.int32)
-    to = (lambda x: x.to(device))
-    return tuple(map(to, (q, qi, k_cache, v_cache, ki_cache, cu_q, kv, page_table)))
 
 
 def reference(q, qi, k_cache, v_cache, ki_cache, cu_q, kv_lens, page_table, bs, topk):

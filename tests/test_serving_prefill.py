@@ -18,34 +18,18 @@ import torch  # noqa: E402
 
 from openmsa.serving import paged_msa_reference  # noqa: E402
 from openmsa.serving.prefill import MSAPrefillWrapper  # noqa: E402
+from helpers import make_paged, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen):
-    batch = len(kv_lens)
-    max_pages = max([-(-n // bs) for n in kv_lens] + [1]) + 1
-    num_pages = batch * max_pages + 2
-    page_table = torch.randperm(num_pages, generator=gen)[:batch * max_pages].view(batch, max_pages)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=gen).to(dtype).to(DEV)
-    q, qi = rnd(sum(qlens), hq, d), rnd(sum(qlens), hkv, di)
-    kc, vc, kic = rnd(num_pages, bs, hkv, d), rnd(num_pages, bs, hkv, d), rnd(num_pages, bs, di)
-    cu_q = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    kv = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
-    return q, qi, kc, vc, kic, cu_q, kv, page_table.to(torch.int32).to(DEV)
 
 
 def check(kv_lens, qlens, hq=8, hkv=2, d=32, di=64, bs=64, topk=3, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    q, qi, kc, vc, kic, cu_q, kv, pt = make(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen)
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen)
     w = MSAPrefillWrapper(hq, hkv, d, di, block_size=bs, topk=topk, deterministic=True)
     w.plan(cu_q, kv, pt, dtype=dtype)
     out, lse, idx = w.run(q, qi, kc, vc, kic, return_lse=True)
@@ -75,7 +59,7 @@ def test_prefill_float16():
 def test_plan_and_run_errors():
     w = MSAPrefillWrapper(8, 2, 32, 64, block_size=64, topk=3)
     gen = torch.Generator().manual_seed(1)
-    q, qi, kc, vc, kic, cu_q, kv, pt = make([40], [10], 8, 2, 32, 64, 64, torch.float32, gen)
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged([40], [10], 8, 2, 32, 64, 64, torch.float32, gen)
     with pytest.raises(RuntimeError, match="plan"):
         w.run(q, qi, kc, vc, kic)
     with pytest.raises(ValueError, match="kv_lens\\[0\\] = 5 is smaller"):
@@ -104,7 +88,7 @@ def test_gpu_prefill_run_replays_in_a_cuda_graph():
     new lengths of the same shapes and new queries, then a replay gives the reference's
     results."""
     gen = torch.Generator().manual_seed(4)
-    q, qi, kc, vc, kic, cu_q, kv, pt = make([6000, 9000], [1000, 2000], 64, 4, 128, 128, 128,
+    q, qi, kc, vc, kic, cu_q, kv, pt = make_paged([6000, 9000], [1000, 2000], 64, 4, 128, 128, 128,
                                             torch.bfloat16, gen)
     w = MSAPrefillWrapper(64, 4, 128, 128, deterministic=True)
     w.plan(cu_q, kv, pt)

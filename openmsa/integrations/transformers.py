@@ -94,14 +94,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import _validation as V
 from ..api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
-from ..layers.msa_attention import MSAttention
+from ..layers.msa_attention import MODES as LAYER_MODES, IndexBranchMixin, MSAttention
 
 __all__ = [
     "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "collect_kl_losses",
     "MSAHFAttention", "MSACacheLayer", "MODES", "INDEX_INITS",
 ]
 
-MODES = ("dense", "sparse")
+MODES = LAYER_MODES  # one definition: openmsa.layers.msa_attention
 INDEX_INITS = ("auto", "copy", "random")
 # Submodules of an attention module whose computation MSAHFAttention reproduces; any
 # other child would be silently dropped, so its presence makes conversion refuse.
@@ -258,7 +258,7 @@ def _check_attention_mask(mask, q_len: int, kv_len: int) -> None:
 # --------------------------------------------------------------------------- module
 
 
-class MSAHFAttention(nn.Module):
+class MSAHFAttention(IndexBranchMixin, nn.Module):
     """MSA replacement of a Llama/Qwen-style transformers attention module (spec section 7).
 
     Built by :func:`convert_to_msa` from the original module ``attn``: it takes over
@@ -322,21 +322,6 @@ class MSAHFAttention(nn.Module):
         if index_init == "auto":
             index_init = "copy" if di == self.head_dim else "random"
         self._init_index(index_init)
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
-
-    def index_parameters(self):
-        """The parameters of the index branch (the only ones the KL reaches)."""
-        for m in (self.qi_proj, self.ki_proj, self.qi_norm, self.ki_norm):
-            yield from m.parameters()
 
     @torch.no_grad()
     def _init_index(self, how: str) -> None:

@@ -23,7 +23,28 @@ from .rope import apply_rope, rope_cos_sin
 MODES = ("sparse", "dense")
 
 
-class MSAttention(nn.Module):
+class IndexBranchMixin:
+    """What every MSA attention module shares (openmsa's MSAttention, the transformers
+    integration's MSAHFAttention): the mode ("sparse", or "dense" for the warmup of spec
+    section 6) and the index-branch parameters (qi_proj, ki_proj, qi_norm, ki_norm)."""
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    def index_parameters(self):
+        """The parameters of the index branch: the only ones the KL reaches."""
+        for m in (self.qi_proj, self.ki_proj, self.qi_norm, self.ki_norm):
+            yield from m.parameters()
+
+
+class MSAttention(IndexBranchMixin, nn.Module):
     """Self-attention with MiniMax Sparse Attention.
 
     Args:
@@ -82,21 +103,6 @@ class MSAttention(nn.Module):
         self.q_norm, self.k_norm = norm(d), norm(d)
         self.qi_norm, self.ki_norm = norm(di), norm(di)
         self.kl_loss: torch.Tensor | None = None
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
-
-    def index_parameters(self):
-        """The parameters the KL trains (the only ones it reaches)."""
-        for m in (self.qi_proj, self.ki_proj, self.qi_norm, self.ki_norm):
-            yield from m.parameters()
 
     def _layout(self, x, cu_seqlens, positions):
         """Packed x [T, hidden], int32 cu_seqlens, int64 positions [T]."""
