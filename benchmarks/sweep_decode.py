@@ -26,16 +26,13 @@ def main():
     ap.add_argument("--pages", nargs="+", default=["2", "4"])
     ap.add_argument("--stages", nargs="+", default=["2", "3", "4"])
     ap.add_argument("--warps", nargs="+", default=["4"])
-    ap.add_argument("--fused-merge", nargs="+", default=["1"], help="OPENMSA_DECODE_FUSED_MERGE values")
     ap.add_argument("--index-splits", type=int, nargs="+", default=[0])
     ap.add_argument("--attention-splits", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    for fp8, pages, stages, warps, fm, isp, asp in itertools.product(
-            args.fp8, args.pages, args.stages, args.warps, args.fused_merge, args.index_splits,
-            args.attention_splits):
-        os.environ["OPENMSA_DECODE_FUSED_MERGE"] = fm
+    for fp8, pages, stages, warps, isp, asp in itertools.product(
+            args.fp8, args.pages, args.stages, args.warps, args.index_splits, args.attention_splits):
         os.environ["OPENMSA_DECODE_INDEX_PAGES"] = pages
         os.environ["OPENMSA_DECODE_INDEX_WARPS"] = warps
         os.environ["OPENMSA_DECODE_INDEX_STAGES"] = stages
@@ -47,7 +44,7 @@ def main():
                   f"{type(e).__name__} {str(e)[:80]}")
             continue
         tb = r["index_key_bytes"] / (r["openmsa_topk_us"]["median_us"] * 1e-6) / 1e12
-        print(f"fp8 {fp8:5s} pages {pages} stages {stages} warps {warps} fused merge {fm} "
+        print(f"fp8 {fp8:5s} pages {pages} stages {stages} warps {warps} "
               f"splits {r['index_splits']:4d}/{r['attention_splits']:2d}: "
               f"decode {r['openmsa_us']['median_us']:7.1f} us  index {r['openmsa_topk_us']['median_us']:7.1f} us "
               f"({tb:.2f} TB/s)", flush=True)

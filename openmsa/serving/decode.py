@@ -196,21 +196,9 @@ class MSADecodeWrapper:
                     raise ValueError(f"{name} must be a positive float for FP8 k_cache / v_cache, got {x!r}")
         elif k_scale is not None or v_scale is not None:
             raise ValueError("k_scale / v_scale are only for FP8 k_cache / v_cache")
-        if self._fused_merge():
-            # the attention programs merge their rows' candidate lists themselves
-            topk_idx = self._plan["topk"]
-            cand = self._scan(qi, ki_cache, ki_scale)
-            out, lse = self._attend(q, k_cache, v_cache, topk_idx, k_scale or 1.0, v_scale or 1.0, cand)
-        else:
-            topk_idx = self._topk(qi, ki_cache, ki_scale)
-            out, lse = self._attend(q, k_cache, v_cache, topk_idx, k_scale or 1.0, v_scale or 1.0)
+        topk_idx = self._topk(qi, ki_cache, ki_scale)
+        out, lse = self._attend(q, k_cache, v_cache, topk_idx, k_scale or 1.0, v_scale or 1.0)
         return (out, lse, topk_idx) if return_lse else (out, topk_idx)
-
-    @staticmethod
-    def _fused_merge() -> bool:
-        """run() merges the Top-k lists inside the attention kernel (one launch fewer);
-        OPENMSA_DECODE_FUSED_MERGE=0 uses the separate merge kernel, as run_index does."""
-        return os.environ.get("OPENMSA_DECODE_FUSED_MERGE", "1") == "1"
 
     def run_index(self, qi, ki_cache, *, ki_scale=None):
         """The Index Branch alone: ``topk_indices [Hkv, total_q, K]`` (the wrapper's buffer)."""
@@ -256,21 +244,6 @@ class MSADecodeWrapper:
         topk_idx = p["topk"]
         if p["total_q"] == 0:
             return topk_idx
-        cand, nlists = self._scan(qi, ki_cache, ki_scale)
-        npad = triton.next_power_of_2(nlists)
-        _kernels(p["device"])["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
-            cand, p["cu_q"], p["kv_lens"], topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
-            HKV=self.num_kv_heads, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=self.block_size,
-            TOPK=self.topk, KPAD=p["kpad"], KOUT=triton.next_power_of_2(self.topk), NSPLIT_PAD=npad,
-            LOG2_NSPLIT=npad.bit_length() - 1, num_warps=4)
-        return topk_idx
-
-    def _scan(self, qi, ki_cache, ki_scale=None):
-        """The split index scan and, with many splits, the first merge level: ``(cand,
-        nlists)``, nlists sorted candidate lists per row."""
-        p = self._plan
-        if p["total_q"] == 0:
-            return p["cand"], 1
         kern = _kernels(p["device"])
         hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
         kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
@@ -293,11 +266,15 @@ class MSADecodeWrapper:
                 HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], TOPK=topk, KPAD=kpad,
                 GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1, num_warps=4)
             cand, nlists = p["cand2"], ngroups
-        return cand, nlists
+        npad = triton.next_power_of_2(nlists)
+        kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
+            cand, p["cu_q"], p["kv_lens"], topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
+            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
+            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1,
+            num_warps=4)
+        return topk_idx
 
-    def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0, cand=None):
-        """Main Branch; with ``cand`` = _scan()'s (lists, nlists) the attention programs merge
-        the lists into topk_idx themselves."""
+    def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):
         p = self._plan
         out, lse = p["out"], p["lse"]
         total_q = p["total_q"]
@@ -306,12 +283,6 @@ class MSADecodeWrapper:
         kern = _kernels(p["device"])
         hkv, g, g_pad = self.num_kv_heads, self.num_heads // self.num_kv_heads, p["g_pad"]
         bs, topk, asplit = self.block_size, self.topk, p["attn_splits"]
-        fused = {}
-        if cand is not None:
-            lists, nlists = cand
-            npad = triton.next_power_of_2(nlists)
-            fused = dict(CAND=lists, ROW_SEQ_START=p["cu_q"], num_lists=nlists, HKV=hkv, ROWS=p["rows"],
-                         LPAD=p["kpad"], NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1, FUSED_MERGE=True)
         kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
             q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
             out, lse, p["part_o"], p["part_lse"],
@@ -322,7 +293,7 @@ class MSADecodeWrapper:
             out.stride(0), out.stride(1), lse.stride(0),
             G=g, G_PAD=g_pad, BLOCK=bs, D=self.head_dim, TOPK=topk,
             KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, IEEE=q.dtype == torch.float32,
-            KV_FP8=k_cache.dtype == FP8, **fused,
+            KV_FP8=k_cache.dtype == FP8,
             num_warps=4, num_stages=2)
         if asplit > 1:
             nsp = triton.next_power_of_2(asplit)

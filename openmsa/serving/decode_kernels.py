@@ -204,6 +204,7 @@ def decode_topk_merge_kernel(
 ):
     b = tl.program_id(0)
     r = tl.program_id(1)
+    NSEL: tl.constexpr = TOPK - 1
     q0 = tl.load(ROW_SEQ_START + b)
     nq = tl.load(ROW_SEQ_START + b + 1) - q0
     i = r // HKV
@@ -214,33 +215,21 @@ def decode_topk_merge_kernel(
         t = (q0 + i).to(tl.int64)
         out = TOPK_OUT + g.to(tl.int64) * stride_ig + t * stride_it
         ocol = tl.arange(0, KOUT)
-        row = _final_topk_row(CAND, b, r, num_splits, local, ROWS, TOPK, KPAD, KOUT, NSPLIT_PAD, LOG2_NSPLIT)
-        tl.store(out + ocol, row, mask=ocol < TOPK)
-
-
-@triton.jit
-def _final_topk_row(CAND, b, r, num_lists, local, ROWS: tl.constexpr, TOPK: tl.constexpr,
-                    KPAD: tl.constexpr, KOUT: tl.constexpr, NSPLIT_PAD: tl.constexpr,
-                    LOG2_NSPLIT: tl.constexpr):
-    """Row r of request b: the best K-1 blocks of its num_lists sorted candidate lists, then
-    its local block, then -1 padding: int32 [KOUT] (the reference's order)."""
-    NSEL: tl.constexpr = TOPK - 1
-    ocol = tl.arange(0, KOUT)
-    n_sel = tl.minimum(local, NSEL)
-    if NSEL > 0:
-        sp = tl.arange(0, NSPLIT_PAD)
-        col = tl.arange(0, KPAD)
-        idx = ((b * num_lists + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
-        keys = tl.load(CAND + idx, mask=(sp < num_lists)[:, None] & (col < NSEL)[None, :],
-                       other=_PAD_BASE)
-        top = _merge_sorted_lists(keys, NSPLIT_PAD, LOG2_NSPLIT, KPAD)
-        pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
-        sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
-        ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
-        row = tl.where(ocol < n_sel, ids, tl.where(ocol == n_sel, local, -1))
-    else:
-        row = tl.where(ocol == 0, local, -1)
-    return row.to(tl.int32)
+        n_sel = tl.minimum(local, NSEL)
+        if NSEL > 0:
+            sp = tl.arange(0, NSPLIT_PAD)
+            col = tl.arange(0, KPAD)
+            idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
+            keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
+                           other=_PAD_BASE)
+            top = _merge_sorted_lists(keys, NSPLIT_PAD, LOG2_NSPLIT, KPAD)
+            pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
+            sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
+            ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
+            row = tl.where(ocol < n_sel, ids, tl.where(ocol == n_sel, local, -1))
+        else:
+            row = tl.where(ocol == 0, local, -1)
+        tl.store(out + ocol, row.to(tl.int32), mask=ocol < TOPK)
 
 
 @triton.jit
@@ -253,18 +242,10 @@ def decode_attention_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     KV_FP8: tl.constexpr,
-    CAND=None, ROW_SEQ_START=None, num_lists=0, HKV: tl.constexpr = 1, ROWS: tl.constexpr = 16,
-    LPAD: tl.constexpr = 16, NSPLIT_PAD: tl.constexpr = 1, LOG2_NSPLIT: tl.constexpr = 0,
-    FUSED_MERGE: tl.constexpr = False,
 ):
     """KV_FP8: K, V pages in FP8 (E4M3) with one scale each per layer (vLLM's contract):
     the tiles are converted to q's dtype after the load (half the bytes, 16-bit MMAs),
-    k_scale is folded into scale_log2 and v_scale multiplies the output.
-
-    FUSED_MERGE: the program merges its row's candidate lists itself (CAND: num_lists
-    sorted lists per row, as decode_topk_merge_kernel reads them) instead of reading
-    TOPK_IDX, which split 0 writes: one launch and its gap fewer per decode step; the
-    asplit programs of a row repeat the (small) merge."""
+    k_scale is folded into scale_log2 and v_scale multiplies the output."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -280,14 +261,7 @@ def decode_attention_split_kernel(
                 mask=h_ok[:, None], other=0.0)
     idx_row = TOPK_IDX + g.to(tl.int64) * stride_ig + t.to(tl.int64) * stride_it
     col = tl.arange(0, KPAD)
-    if FUSED_MERGE:
-        q0 = tl.load(ROW_SEQ_START + b)
-        ids = _final_topk_row(CAND, b, (t - q0) * HKV + g, num_lists, pos // BLOCK, ROWS, TOPK, LPAD, KPAD,
-                              NSPLIT_PAD, LOG2_NSPLIT)
-        if s == 0:
-            tl.store(idx_row + col, ids, mask=col < TOPK)
-    else:
-        ids = tl.load(idx_row + col, mask=col < TOPK, other=-1)
+    ids = tl.load(idx_row + col, mask=col < TOPK, other=-1)
     jn = tl.arange(0, BLOCK)
     m = tl.full((G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((G_PAD,), tl.float32)
@@ -295,7 +269,7 @@ def decode_attention_split_kernel(
     k0 = s * slots_per_split
     k1 = tl.minimum(k0 + slots_per_split, TOPK)
     for slot in range(k0, k1):
-        c = tl.sum(tl.where(col == slot, ids, 0), 0)  # ids[slot]
+        c = tl.load(idx_row + slot)
         # the token set is a set: a slot repeating an earlier slot's block adds nothing
         dup = tl.sum(((ids == c) & (col < slot)).to(tl.int32), 0) > 0
         if (c >= 0) & (c < nblk) & (c * BLOCK <= pos) & (dup == 0):
