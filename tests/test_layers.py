@@ -508,3 +508,30 @@ def test_training_index_params_reduces_kl():
     for n, p in m.named_parameters():
         if n in backbone:
             assert torch.equal(p.detach(), backbone[n]), n
+
+
+class _Float32Norm(nn.Module):
+    """Stands for nn.RMSNorm under CUDA autocast, which computes and returns float32."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.float())
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_float32_norm_outputs_are_cast_to_the_projection_dtype(mode):
+    """A norm that returns float32 next to 16-bit projections (RMSNorm under autocast) must
+    not reach the ops as mixed dtypes: the layer runs in the projections' dtype and gives
+    the same result as with norms that keep the dtype."""
+    torch.manual_seed(3)
+    m = make(mode=mode, qk_norm=True).to(torch.float16)
+    x = torch.randn(2, 40, HIDDEN, dtype=torch.float16)
+    ref = m(x)
+    for name in ("q_norm", "k_norm", "qi_norm", "ki_norm"):
+        setattr(m, name, _Float32Norm(getattr(m, name)))
+    out = m(x)
+    assert out.dtype == torch.float16
+    assert_close(out.float(), ref.float(), tol=1e-2, what="float32-norm layer")

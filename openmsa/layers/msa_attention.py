@@ -146,6 +146,9 @@ class MSAttention(IndexBranchMixin, nn.Module):
         xd = x.detach()  # stop-gradient: the KL trains only the index branch
         qi = self.qi_norm(self.qi_proj(xd).view(t, hkv, di))
         ki = self.ki_norm(self.ki_proj(xd).view(t, 1, di))
+        # under CUDA autocast, RMSNorm runs (and returns) float32 next to a bf16 v; the ops
+        # want one dtype, the projections' (as HF's RMSNorm casts back to its input's)
+        q, k, qi, ki = (y.to(v.dtype) for y in (q, k, qi, ki))
         if self.rotary_dim:
             cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
             q, k, qi, ki = (apply_rope(y, cos, sin) for y in (q, k, qi, ki))
