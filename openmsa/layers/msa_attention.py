@@ -155,6 +155,15 @@ class MSAttention(IndexBranchMixin, nn.Module):
         if self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=self.topk, backend=self.backend)
+        elif x_in.dim() == 3 and cu_seqlens is None and self.backend != "reference":
+            # dense mode on equal-length sequences: the Main Branch is plain causal GQA, which
+            # torch's SDPA runs with its fused kernels (openmsa has no dense Triton kernel);
+            # the dense KL (reference) then computes the teacher's LSE itself
+            b, n = x_in.shape[:2]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                *(y.view(b, n, -1, d).transpose(1, 2) for y in (q, k, v)), is_causal=True,
+                enable_gqa=True).transpose(1, 2).reshape(t, hq, d)
+            kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, backend=self.backend)
         else:
             o, lse = sparse_attention(q, k, v, None, cu, cu, backend=self.backend)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, lse=lse,
