@@ -34,9 +34,10 @@ and a per-head RMSNorm when the model has ``q_norm``/``k_norm`` (Qwen3) unless
 
 Attention itself runs through the openmsa ops (no attention math here):
 
-- ``mode="dense"`` (warmup): ``sparse_attention(q, k, v, None, ...)`` (full causal) and
-  ``indexer_kl_loss(..., None, ...)`` (KL over all visible tokens). The layer output equals
-  the original model's up to float rounding.
+- ``mode="dense"`` (warmup): full causal attention (torch SDPA without a cached prefix,
+  else ``sparse_attention(q, k, v, None, ...)``) and ``indexer_kl_loss(..., None, ...)`` (KL
+  over all visible tokens). The layer output equals the original model's up to float
+  rounding.
 - ``mode="sparse"``: ``msa_attention`` (Index Branch Top-k, Main Branch, sparse KL).
 
 Each layer stores its unscaled KL of the last forward in ``module.kl_loss``;
@@ -400,6 +401,15 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
                 idx, _ = indexer_topk(qi, ki, topk=self.topk, **kw)
                 o, _ = sparse_attention(q, k, v, idx, softmax_scale=self.scaling, **kw)
                 kl = None
+        elif k.shape[1] == s and self.backend != "reference":
+            # dense mode without a cached prefix: plain causal GQA through torch's SDPA (its
+            # fused kernels; openmsa has no dense Triton kernel); the dense KL (reference)
+            # computes the teacher's LSE itself
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=True, scale=self.scaling).transpose(1, 2)
+            kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, softmax_scale=self.scaling,
+                                 **kw) if want_kl else None
         else:
             o, lse = sparse_attention(q, k, v, None, softmax_scale=self.scaling, **kw)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, lse=lse,
