@@ -41,7 +41,8 @@ from ._plan import check_int, check_step_metadata, check_wrapper_config
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
 FP8 = torch.float8_e4m3fn
-_MAX_INDEX_SPLITS = 1024
+_MAX_INDEX_SPLITS = 1024  # an explicit index_splits may go this far
+_DEFAULT_MAX_INDEX_SPLITS = 256  # the default's cap (more was slower at batch 1 / 1M on the H100)
 _MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
 
 
@@ -91,7 +92,7 @@ class MSADecodeWrapper:
         max_blocks = max((-(-kl // bs) for kl in lens), default=0)
         # split counts depend on shapes only (batch, page-table width, query count), so a
         # re-plan with the same shapes keeps a captured graph valid
-        idx_splits = max(1, min(_MAX_INDEX_SPLITS, -(-2 * sms // max(batch, 1)), max_pages))
+        idx_splits = max(1, min(_DEFAULT_MAX_INDEX_SPLITS, -(-2 * sms // max(batch, 1)), max_pages))
         rows_q = total_q * hkv
         attn_splits = 1 if rows_q >= 2 * sms else min(self.topk, triton.next_power_of_2(-(-2 * sms // max(rows_q, 1))))
         if index_splits is not None:
