@@ -47,3 +47,20 @@ def make_paged(kv_lens, qlens, hq, hkv, d, di, bs, dtype, gen, device=DEV, spare
     cu_q = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
     kv = torch.tensor(kv_lens, dtype=torch.int32)
     return tuple(x.to(device) for x in (q, qi, k_cache, v_cache, ki_cache, cu_q, kv, page_table))
+
+
+def replay_after_replan(wrapper, q, qi, k_cache, v_cache, ki_cache, cu_q, new_kv_lens, page_table, gen):
+    """The CUDA-graph contract of a serving wrapper: run() captured once (after a compiling
+    call), then plan() with new lengths of the same shapes and new query values in place;
+    returns the replay's (out, lse, topk_indices)."""
+    wrapper.run(q, qi, k_cache, v_cache, ki_cache)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse, idx = wrapper.run(q, qi, k_cache, v_cache, ki_cache, return_lse=True)
+    wrapper.plan(cu_q, new_kv_lens, page_table)
+    q.copy_(torch.randn(q.shape, generator=gen).to(q))
+    qi.copy_(torch.randn(qi.shape, generator=gen).to(qi))
+    graph.replay()
+    torch.cuda.synchronize()
+    return out, lse, idx

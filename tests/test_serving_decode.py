@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import openmsa  # noqa: E402
 from openmsa.serving.decode import MSADecodeWrapper  # noqa: E402
-from helpers import make_paged, rel  # noqa: E402
+from helpers import make_paged, rel, replay_after_replan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -221,17 +221,8 @@ def test_gpu_run_replays_in_a_cuda_graph():
                                                   torch.bfloat16, gen)
     w = MSADecodeWrapper(hq, hkv, d, d, block_size=bs, topk=topk)
     w.plan(cu_q, kv, pt)
-    w.run(q, qi, kc, vc, kic)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse, idx = w.run(q, qi, kc, vc, kic, return_lse=True)
     kv2 = torch.tensor([7000, 6500], dtype=torch.int32, device=DEV)
-    w.plan(cu_q, kv2, pt)
-    q.copy_(torch.randn(q.shape, generator=gen).to(q))
-    qi.copy_(torch.randn(qi.shape, generator=gen).to(qi))
-    graph.replay()
-    torch.cuda.synchronize()
+    out, lse, idx = replay_after_replan(w, q, qi, kc, vc, kic, cu_q, kv2, pt, gen)
     ref_out, ref_lse, ref_idx = reference(q, qi, kc, vc, kic, cu_q, kv2, pt, bs, topk)
     assert torch.equal(idx, ref_idx)
     assert rel(out, ref_out) <= 1e-2 and rel(lse, ref_lse) <= 1e-5

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from openmsa.serving import paged_msa_reference  # noqa: E402
 from openmsa.serving.prefill import MSAPrefillWrapper  # noqa: E402
-from helpers import make_paged, rel  # noqa: E402
+from helpers import make_paged, rel, replay_after_replan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,17 +92,8 @@ def test_gpu_prefill_run_replays_in_a_cuda_graph():
                                             torch.bfloat16, gen)
     w = MSAPrefillWrapper(64, 4, 128, 128, deterministic=True)
     w.plan(cu_q, kv, pt)
-    w.run(q, qi, kc, vc, kic)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse, idx = w.run(q, qi, kc, vc, kic, return_lse=True)
     kv2 = torch.tensor([5000, 9100], dtype=torch.int32, device=DEV)
-    w.plan(cu_q, kv2, pt)
-    q.copy_(torch.randn(q.shape, generator=gen).to(q))
-    qi.copy_(torch.randn(qi.shape, generator=gen).to(qi))
-    graph.replay()
-    torch.cuda.synchronize()
+    out, lse, idx = replay_after_replan(w, q, qi, kc, vc, kic, cu_q, kv2, pt, gen)
     ref_out, ref_lse, ref_idx, _ = paged_msa_reference(q, qi, kc, vc, kic, pt, kv2, cu_q, topk=16,
                                                        deterministic=True)
     assert torch.equal(idx, ref_idx)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..serving.decode import MSADecodeWrapper
+from ..serving.fp8 import FP8, quantize_fp8_per_token
 from ..serving.prefill import MSAPrefillWrapper
 
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
@@ -75,7 +76,6 @@ def case(batch, ctx, nq, dev, gen, index_splits=None, dense=True, fp8="none", ca
     """One decode case; ``fp8``: "none" (bf16 pools), "index" (FP8 index keys with per-token
     scales and FP8 index queries) or "index_kv" (also FP8 K/V pages, per-layer scales).
     ``capture``: a list that receives the run() closure instead of timing it (profiling)."""
-    from ..serving.fp8 import FP8, quantize_fp8_per_token
     pages = ctx // B
     num_pages = batch * pages
     k_cache = torch.randn(num_pages, B, HKV, D, device=dev, dtype=torch.bfloat16, generator=gen)

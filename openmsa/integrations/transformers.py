@@ -95,7 +95,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import _validation as V
 from ..api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
-from ..layers.msa_attention import MODES as LAYER_MODES, IndexBranchMixin, MSAttention
+from ..layers.msa_attention import MODES as LAYER_MODES, IndexBranchMixin, MSAttention, dense_causal_gqa
 
 __all__ = [
     "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "collect_kl_losses",
@@ -402,12 +402,9 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
                 o, _ = sparse_attention(q, k, v, idx, softmax_scale=self.scaling, **kw)
                 kl = None
         elif k.shape[1] == s and self.backend != "reference":
-            # dense mode without a cached prefix: plain causal GQA through torch's SDPA (its
-            # fused kernels; openmsa has no dense Triton kernel); the dense KL (reference)
-            # computes the teacher's LSE itself
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=True, scale=self.scaling).transpose(1, 2)
+            # dense mode without a cached prefix (the dense KL, reference, then computes the
+            # teacher's LSE itself)
+            o = dense_causal_gqa(q, k, v, scale=self.scaling)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, softmax_scale=self.scaling,
                                  **kw) if want_kl else None
         else:

@@ -23,6 +23,16 @@ from .rope import apply_rope, rope_cos_sin
 MODES = ("sparse", "dense")
 
 
+def dense_causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    """The dense-mode Main Branch for equal-length sequences without a cached prefix:
+    q ``[b, s, Hq, D]``, k, v ``[b, s, Hkv, D]`` -> ``[b, s, Hq, D]``, causal GQA through
+    torch's SDPA (its fused kernels; openmsa has no dense Triton kernel)."""
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
+        scale=scale)
+    return o.transpose(1, 2)
+
+
 class IndexBranchMixin:
     """What every MSA attention module shares (openmsa's MSAttention, the transformers
     integration's MSAHFAttention): the mode ("sparse", or "dense" for the warmup of spec
@@ -156,13 +166,10 @@ class MSAttention(IndexBranchMixin, nn.Module):
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=self.topk, backend=self.backend)
         elif x_in.dim() == 3 and cu_seqlens is None and self.backend != "reference":
-            # dense mode on equal-length sequences: the Main Branch is plain causal GQA, which
-            # torch's SDPA runs with its fused kernels (openmsa has no dense Triton kernel);
-            # the dense KL (reference) then computes the teacher's LSE itself
+            # dense mode on equal-length sequences (the dense KL, reference, then computes
+            # the teacher's LSE itself)
             b, n = x_in.shape[:2]
-            o = torch.nn.functional.scaled_dot_product_attention(
-                *(y.view(b, n, -1, d).transpose(1, 2) for y in (q, k, v)), is_causal=True,
-                enable_gqa=True).transpose(1, 2).reshape(t, hq, d)
+            o = dense_causal_gqa(*(y.view(b, n, -1, d) for y in (q, k, v))).reshape(t, hq, d)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, backend=self.backend)
         else:
             o, lse = sparse_attention(q, k, v, None, cu, cu, backend=self.backend)

@@ -132,6 +132,7 @@ class MSADecodeWrapper:
         p["row_seq"].copy_(torch.tensor(seq, dtype=torch.int32))
         p["row_pos"].copy_(torch.tensor(pos, dtype=torch.int32))
         p["pages_per_split"].fill_(max(1, -(-max_blocks // idx_splits)))
+        p["scan"] = self._scan_config(rows)
         self._plan = p
 
     # ------------------------------------------------------------------- run
@@ -240,6 +241,15 @@ class MSADecodeWrapper:
             return int(env)
         return (4 if fp8 else 2) if rows <= 16 else 1
 
+    @classmethod
+    def _scan_config(cls, rows: int) -> dict:
+        """The index scan's launch knobs, read once per plan() (not on every run(), the hot
+        path): pages per step for 16-bit and FP8 keys, warps, pipeline stages
+        (OPENMSA_DECODE_INDEX_PAGES / _WARPS / _STAGES override)."""
+        return dict(pages=cls._index_pages(rows), pages_fp8=cls._index_pages(rows, fp8=True),
+                    warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
+                    stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
+
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
         topk_idx = p["topk"]
@@ -247,6 +257,7 @@ class MSADecodeWrapper:
             return topk_idx
         kern = _kernels(p["device"])
         hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
+        scan = p["scan"]
         kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
             qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
             ki_scale if ki_scale is not None else p["pages_per_split"],
@@ -254,11 +265,10 @@ class MSADecodeWrapper:
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
             ki_scale.stride(0) if ki_scale is not None else 0,
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, PAGES=self._index_pages(p["rows"], ki_scale is not None),
+            TOPK=topk, KPAD=kpad, PAGES=scan["pages_fp8" if ki_scale is not None else "pages"],
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
-            num_warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
-            num_stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
+            num_warps=scan["warps"], num_stages=scan["stages"])
         cand, nlists = p["cand"], nsplit
         if nsplit > _MERGE_GROUP:
             ngroups = -(-nsplit // _MERGE_GROUP)
