@@ -406,3 +406,36 @@ def test_dense_mode_sdpa_path_equals_the_reference_path():
     assert g1.keys() == g2.keys() and len(g1) > 0
     for n in g1:
         assert rel_err(g1[n], g2[n]) < 1e-4, n
+
+
+def test_dense_mode_through_the_kernels_equals_the_reference_path(monkeypatch):
+    """Dense mode with the KL, keys that fit 64 blocks and kernel-supported shapes runs as
+    sparse mode with K = every block through the Triton kernels (here the interpreter):
+    logits, KL and every gradient equal the reference path; the kernel path is spied."""
+    import openmsa.integrations.transformers as integ
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real = integ.msa_attention
+    monkeypatch.setattr(integ, "msa_attention", lambda *a, **kw: calls.append(kw["topk"]) or real(*a, **kw))
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=VOCAB,
+                      max_position_embeddings=256, initializer_range=0.2, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        model = convert_to_msa(LlamaForCausalLM(cfg), index_head_dim=64, block_size=64, topk=1,
+                               mode="dense", backend=backend, first_dense_layers=0)
+        model.train()
+        set_msa_mode(model, "dense", compute_kl=True)
+        out = model(tokens(2, 100), use_cache=False)
+        kl = collect_kl_losses(model)
+        (out.logits.square().mean() + kl).backward()
+        results.append((out.logits, kl, {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    assert calls == [2, 2]  # both layers, 100 keys = 2 blocks of 64
+    (l1, k1, g1), (l2, k2, g2) = results
+    assert rel_err(l1, l2) < 1e-5 and rel_err(k1, k2) < 1e-5
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert rel_err(g1[n], g2[n]) < 1e-4, n

@@ -558,3 +558,67 @@ def test_dense_mode_sdpa_path_equals_the_reference_path():
     for name, g in g2.items():
         assert g is not None and g1[name] is not None, name
         assert_close(g1[name], g, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("seqlen", [64, 150])  # one block exactly; 3 blocks, the last partial
+def test_dense_mode_through_the_kernels_equals_the_reference_path(seqlen, monkeypatch):
+    """Dense mode on equal-length batches with at most 64 blocks runs as sparse mode with
+    K = every block, through the Triton kernels (here under the interpreter): output, KL
+    and every gradient must equal the reference path's dense attention and dense KL. The
+    kernel path must really be taken (spied), and a K one short of every block must not
+    equal dense (so that the comparison can fail)."""
+    import copy
+
+    import openmsa.layers.msa_attention as layer_mod
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(6)
+    m = MSAttention(64, 4, 2, 32, index_head_dim=64, block_size=64, topk=2, qk_norm=True,
+                    rotary_dim=16, mode="dense", backend="triton")
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    calls = []
+    real = layer_mod.msa_attention
+    monkeypatch.setattr(layer_mod, "msa_attention",
+                        lambda *a, **kw: calls.append(kw["topk"]) or real(*a, **kw))
+    x = torch.randn(2, seqlen, 64)
+    w = torch.randn(2, seqlen, 64)
+    outs = []
+    for layer in (m, ref):
+        out = layer(x)
+        ((out * w).sum() + layer.kl_loss).backward()
+        outs.append((out, layer.kl_loss, grads(layer)))
+    assert calls == [-(-seqlen // 64)]
+    (o1, kl1, g1), (o2, kl2, g2) = outs
+    assert_close(o1, o2, what="out")
+    assert_close(kl1, kl2, what="kl")
+    for name, g in g2.items():
+        assert g is not None and g1[name] is not None, name
+        assert_close(g1[name], g, what=f"grad {name}")
+    if seqlen > 64:  # one block fewer: not dense any more
+        m.mode, m.topk = "sparse", -(-seqlen // 64) - 1
+        assert rel_err(m(x), o2) > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seqlen,block", [(4096, 64), (8192, 128), (1000, 64)])
+def test_gpu_dense_mode_through_the_kernels(seqlen, block):
+    """On the GPU, in bf16, at K = 64 blocks (the most the kernels take): dense mode through
+    the kernels against the reference path (float32 layer on the same inputs)."""
+    import copy
+    torch.manual_seed(7)
+    m = MSAttention(256, 8, 2, 64, index_head_dim=64, block_size=block, topk=8, qk_norm=True,
+                    rotary_dim=32, mode="dense").cuda()
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    x = torch.randn(2, seqlen, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x)
+    kl = m.kl_loss
+    (out.float().square().mean() + kl).backward()
+    out_r = ref(x)
+    (out_r.square().mean() + ref.kl_loss).backward()
+    assert rel_err(out.float(), out_r) <= 1e-2
+    assert abs(kl.item() - ref.kl_loss.item()) <= 1e-2 * abs(ref.kl_loss.item())
+    for (n, p), p_r in zip(m.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, p_r.grad) <= 3e-2, n

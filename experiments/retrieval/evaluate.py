@@ -81,6 +81,23 @@ def accuracy_by_depth(correct: torch.Tensor, pair_pos: torch.Tensor, length: int
     return out
 
 
+@torch.no_grad()
+def attention_ablation(model: Decoder, data: dict, batch: int, device, autocast) -> list:
+    """Which layers' attention the task uses: per layer, the answer accuracy when that
+    layer's attention output is replaced by its mean over the sequence's positions (mean
+    ablation: keeps the average contribution, removes everything position-specific)."""
+    accs = []
+    for blk in model.blocks:
+        h = blk.attn.register_forward_hook(
+            lambda mod, args, out: out.mean(dim=1, keepdim=True).expand_as(out))
+        try:
+            with autocast():
+                accs.append(evaluate_answers(model, data, batch, device)["acc"])
+        finally:
+            h.remove()
+    return accs
+
+
 # --- recall of the indexer ----------------------------------------------------------------
 
 def _msa_projections(m: openmsa.MSAttention, x: torch.Tensor):
@@ -200,7 +217,7 @@ def load_run(run_dir: Path, device) -> tuple[Decoder, TaskConfig, dict]:
 
 
 def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int, recall_seqs: int,
-                 seed: int, device, amp) -> dict:
+                 seed: int, device, amp, ablate_seqs: int = 0) -> dict:
     model, tcfg, cfg = load_run(run_dir, device)
     is_msa = bool(msa_layers(model))
     if is_msa:
@@ -222,6 +239,10 @@ def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int,
             entry["recall"] = indexer_recall(model, sub, device, autocast)
             entry["recall_mean"] = {key: _mean([lay[key] for lay in entry["recall"]])
                                     for key in entry["recall"][0] if key != "layer"}
+        if ablate_seqs > 0:
+            sub = {k: v[:ablate_seqs] for k, v in data.items()}
+            entry["ablation_acc"] = attention_ablation(model, sub, max(1, tokens_per_batch // length),
+                                                       device, autocast)
         entry["seconds"] = time.time() - t0
         res["contexts"][str(length)] = entry
         msg = f"{cfg['variant']:14s} ctx {length:6d}: acc {entry['acc']:.4f} loss {entry['loss']:.4f}"
@@ -229,6 +250,9 @@ def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int,
             rm = entry["recall_mean"]
             msg += (f" | block recall {rm['block_recall']:.3f} mass recall {rm['mass_recall']:.3f}"
                     f" (answers: {rm['answer_mass_recall']:.3f}, pair hit {rm['pair_hit']:.3f})")
+        if "ablation_acc" in entry:
+            msg += " | acc with one layer's attention mean-ablated: " + " ".join(
+                f"L{i} {x:.3f}" for i, x in enumerate(entry["ablation_acc"]))
         print(msg + f" [{entry['seconds']:.0f}s]", flush=True)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     return res
@@ -242,6 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-seqs", type=int, default=128, help="sequences per context")
     p.add_argument("--tokens-per-batch", type=int, default=65536)
     p.add_argument("--recall-seqs", type=int, default=2, help="sequences per context for recall")
+    p.add_argument("--ablate-seqs", type=int, default=0,
+                   help="sequences per context for the per-layer attention ablation (0: none)")
     p.add_argument("--seed", type=int, default=1234, help="evaluation set seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"])
@@ -257,7 +283,7 @@ def main(argv=None):
     amp = torch.bfloat16 if a.amp == "bf16" or (a.amp == "auto" and device.type == "cuda") else None
     for run in a.runs:
         evaluate_run(Path(run), a.contexts, a.eval_seqs, a.tokens_per_batch, a.recall_seqs, a.seed,
-                     device, amp)
+                     device, amp, a.ablate_seqs)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Variants (README.md has the full story):
 
 Training data is drawn on the training device from a seeded generator; the length follows
 an optional curriculum (--curriculum: shorter lengths first, each for an equal share of
---curriculum-steps), at a constant token budget per step (batch = tokens_per_step // length).
+--curriculum-steps, held longer with --curriculum-gate until learned), at a constant token budget per step (batch = tokens_per_step // length).
 
 Writes to --out: config.json (everything needed to rebuild the model), log.json (the loss
 curve: train CE / KL / answer accuracy every --log-every steps, validation accuracy every
@@ -44,9 +44,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import (Decoder, ModelConfig, convert_dense_to_msa, count_parameters,  # noqa: E402
-                   index_parameters, kl_loss, set_msa_mode)
+                   index_parameters, kl_loss, msa_layers, set_msa_mode)
 from task import TaskConfig, make_batch  # noqa: E402
-from evaluate import answer_accuracy  # noqa: E402
+from evaluate import answer_accuracy, indexer_recall  # noqa: E402
+from task import eval_set  # noqa: E402
 
 VARIANTS = ("dense", "window", "msa_native", "msa_converted")
 ATTN_OF = {"dense": "dense", "window": "window", "msa_native": "msa", "msa_converted": "msa"}
@@ -92,6 +93,9 @@ def parse_args(argv=None):
                    help="comma-separated shorter lengths trained first, e.g. 512,1024,2048")
     g.add_argument("--curriculum-steps", type=int, default=0,
                    help="steps spent on the curriculum lengths (equal shares)")
+    g.add_argument("--curriculum-gate", type=float, default=0.0,
+                   help="hold a curriculum length <= topk * block_size (at most 3 shares) until the "
+                        "training accuracy of the last log window reaches this (0: no gate)")
     g.add_argument("--tokens-per-step", type=int, default=65536)
     g.add_argument("--lr", type=float, default=1.5e-3)
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
@@ -106,6 +110,10 @@ def parse_args(argv=None):
                    help="length of the dense-mode warmup steps (default: converted --train-len, "
                         "native the curriculum's; the reference loops over sequences, so short "
                         "ones at a constant token budget cost many small GPU ops)")
+    g.add_argument("--warmup-wide-steps", type=int, default=0,
+                   help="msa_converted: index-warmup steps after the dense ones, in sparse mode at "
+                        "--train-len with K = --warmup-wide-topk (backbone frozen, loss = KL)")
+    g.add_argument("--warmup-wide-topk", type=int, default=64)
     g.add_argument("--index-lr", type=float, default=1e-3, help="msa_converted: index warmup LR")
     g.add_argument("--kl-weight", type=float, default=0.1, help="lambda in CE + lambda * KL")
     g.add_argument("--index-init", default="copy", choices=["copy", "random"],
@@ -120,6 +128,12 @@ def parse_args(argv=None):
                    help="OPENMSA_REF_CHUNK_BYTES in MiB for openmsa's reference (dense mode); "
                         "0: 8192 on CUDA (fewer, larger chunks: the reference is launch-bound "
                         "there), the library default on CPU")
+    g.add_argument("--recall-every", type=int, default=0,
+                   help="MSA runs: the indexer's recall (evaluate.py's metric) every N steps of "
+                        "each phase, at the first --recall-contexts length, and at the end of the "
+                        "converted index warmup at every --recall-contexts length (0: never)")
+    g.add_argument("--recall-contexts", type=int, nargs="+", default=[4096, 8192, 16384])
+    g.add_argument("--recall-seqs", type=int, default=1, help="sequences per recall measurement")
     g.add_argument("--time-limit", type=float, default=0,
                    help="stop (and save) after this many seconds of training (0: none)")
     g.add_argument("--no-save", action="store_true", help="do not write model.pt")
@@ -140,12 +154,37 @@ def model_config(a, vocab_size: int) -> ModelConfig:
                        token_shift=not a.no_token_shift)
 
 
-def length_at(step: int, a) -> int:
-    """Curriculum: the shorter lengths for equal shares of --curriculum-steps, then --train-len."""
-    lengths = [int(x) for x in a.curriculum.split(",") if x.strip()]
-    if lengths and step < a.curriculum_steps:
-        return lengths[step * len(lengths) // a.curriculum_steps]
-    return a.train_len
+class Curriculum:
+    """The lengths of --curriculum, each for at least an equal share of --curriculum-steps,
+    then --train-len. With --curriculum-gate ACC a length of at most K * B tokens (where
+    every variant, the window and MSA included, sees the whole context) is held (for at
+    most 3 shares) until the training accuracy of the last log window reaches ACC: escaping MQAR's early
+    plateau is stochastic (the same seed escaped in one H100 run and not in the next, GPU
+    reductions being non-deterministic), and a model that has not learned the task at a
+    short length rarely learns it at 16K."""
+
+    def __init__(self, a):
+        self.lengths = [int(x) for x in a.curriculum.split(",") if x.strip()]
+        self.share = max(1, a.curriculum_steps // len(self.lengths)) if self.lengths else 0
+        self.gate, self.train_len = a.curriculum_gate, a.train_len
+        self.gate_len = a.topk * a.block_size  # K * B: every variant sees all of the context
+        self.i = self.n = 0
+        self.acc = None
+
+    def length(self) -> int:
+        return self.lengths[self.i] if self.i < len(self.lengths) else self.train_len
+
+    def step_done(self, acc=None) -> None:
+        """After each step; ``acc`` = the training accuracy of a log window that just closed."""
+        if self.i >= len(self.lengths):
+            return
+        self.n += 1
+        if acc is not None:
+            self.acc = acc
+        passed = (not self.gate or self.lengths[self.i] > self.gate_len
+                  or (self.acc is not None and self.acc >= self.gate))
+        if self.n >= self.share and (passed or self.n >= 3 * self.share):
+            self.i, self.n, self.acc = self.i + 1, 0, None
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_frac: float) -> float:
@@ -178,7 +217,7 @@ class Logger:
 
     def __init__(self, out: Path, meta: dict, log_every: int):
         self.out, self.meta, self.log_every = out, meta, log_every
-        self.train, self.val, self.t0 = [], [], time.time()
+        self.train, self.val, self.recall, self.t0 = [], [], [], time.time()
         self.t_flush = self.t0
         self._reset()
 
@@ -214,6 +253,7 @@ class Logger:
         self._reset()
         self.write()
         self.t_flush = time.time()  # the JSON write is not training time
+        return rec
 
     def add_val(self, step, phase, acc, loss):
         self.val.append(dict(step=step, phase=phase, acc=acc, loss=loss, time=time.time() - self.t0))
@@ -221,9 +261,21 @@ class Logger:
         self.write()
         self.t_flush = time.time()  # validation is not training time either
 
+    def add_recall(self, step, phase, length, per_layer):
+        mean = {key: sum(lay[key] for lay in per_layer) / len(per_layer)
+                for key in ("block_recall", "mass_recall")}
+        self.recall.append(dict(step=step, phase=phase, length=length, **mean,
+                                mass_recall_per_layer=[lay["mass_recall"] for lay in per_layer],
+                                time=time.time() - self.t0))
+        print(f"[{phase}] step {step:5d} recall @{length}: mass {mean['mass_recall']:.3f} block "
+              f"{mean['block_recall']:.3f} per layer "
+              + " ".join(f"{lay['mass_recall']:.3f}" for lay in per_layer), flush=True)
+        self.write()
+        self.t_flush = time.time()
+
     def write(self, **extra):
         self.meta.update(extra)
-        data = dict(self.meta, train=self.train, val=self.val)
+        data = dict(self.meta, train=self.train, val=self.val, recall=self.recall)
         tmp = self.out / "log.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(self.out / "log.json")
@@ -235,7 +287,6 @@ def kernel_check(model, device, amp, length=1024, tol=5e-2):
     PyTorch reference on a random input (outputs and KL), before training relies on them.
     The tolerance is loose on purpose: bf16 rounding, and the rare near-tie block that the
     two indexers rank differently, move a few rows; a broken kernel moves everything."""
-    from model import msa_layers
     layer = msa_layers(model)[0]
     mode, backend = layer.mode, layer.backend
     x = torch.randn(2, length, layer.hidden_size, device=device, generator=torch.Generator(device=device).manual_seed(0))
@@ -321,6 +372,23 @@ def main(argv=None):
         model.train()
         log.add_val(step, phase, acc, loss)
 
+    recall_sets = {}
+
+    def track_recall(step, phase, contexts):
+        """The indexer's recall in sparse mode (what serving selects) on fixed sequences."""
+        if not a.recall_every or mcfg.attn != "msa":
+            return
+        modes = [m.mode for m in msa_layers(model)]
+        set_msa_mode(model, "sparse")
+        model.eval()
+        for length in contexts:
+            if length not in recall_sets:  # evaluate.py's evaluation sequences (its seed)
+                recall_sets[length] = eval_set(tcfg, length, a.recall_seqs, 1234)
+            log.add_recall(step, phase, length, indexer_recall(model, recall_sets[length], device, autocast))
+        for m, mode in zip(msa_layers(model), modes):
+            m.mode = mode
+        model.train()
+
     def batch_for(length):
         return make_batch(tcfg, max(1, a.tokens_per_step // length), length, gen)
 
@@ -335,18 +403,28 @@ def main(argv=None):
     if a.variant == "msa_converted" and a.warmup_steps > 0:
         set_msa_mode(model, "sparse")
         validate(0, "converted_before_warmup")  # the converted model with an untrained index
+        track_recall(0, "index_warmup", a.recall_contexts[:1])
         set_msa_mode(model, "dense")
         idx_params = set(index_parameters(model))
         for p in model.parameters():
             p.requires_grad_(p in idx_params)
         opt = make_optimizer(list(idx_params), a.index_lr, 0.0)
         wlen = a.warmup_len or a.train_len
-        for step in range(a.warmup_steps):
-            lr = lr_at(step, a.warmup_steps, a.index_lr, min(a.lr_warmup, a.warmup_steps // 4),
-                       a.min_lr_frac)
+        wsteps = a.warmup_steps + a.warmup_wide_steps
+        for step in range(wsteps):
+            # stage 1: dense mode at wlen (KL over every visible token); stage 2 (optional):
+            # sparse mode at the training length with a wide K (KL over the K blocks the
+            # index ranks first): the dense KL at 16K has no kernel, and the rank order of
+            # the leading candidates at the long length is what the selection needs
+            wide = step >= a.warmup_steps
+            length = a.train_len if wide else wlen
+            set_msa_mode(model, "sparse" if wide else "dense")
+            for m in msa_layers(model):
+                m.topk = a.warmup_wide_topk if wide else mcfg.topk
+            lr = lr_at(step, wsteps, a.index_lr, min(a.lr_warmup, wsteps // 4), a.min_lr_frac)
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            batch = batch_for(wlen)
+            batch = batch_for(length)
             with autocast():
                 loss, correct, count = answer_loss(model, batch)
             kl = kl_loss(model)
@@ -354,14 +432,22 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
             log.add(loss, kl, correct, count, batch["tokens"].numel())
-            log.maybe_flush(step, "index_warmup", wlen, lr, force=step == a.warmup_steps - 1)
+            log.maybe_flush(step, "index_warmup_wide" if wide else "index_warmup", length, lr,
+                            force=step in (a.warmup_steps - 1, wsteps - 1))
             if out_of_time():
                 stopped_early = True
                 break
+            if a.recall_every and (step + 1) % a.recall_every == 0 and step + 1 < wsteps:
+                for m in msa_layers(model):
+                    m.topk = mcfg.topk
+                track_recall(step + 1, "index_warmup", a.recall_contexts[:1])
+        for m in msa_layers(model):
+            m.topk = mcfg.topk
+        track_recall(step + 1, "index_warmup", a.recall_contexts)  # "after warmup"
         for p in model.parameters():
             p.requires_grad_(True)
         set_msa_mode(model, "sparse")
-        step_base = a.warmup_steps
+        step_base = wsteps
         validate(step_base, "index_warmup")
 
     # --- main training ----------------------------------------------------------------
@@ -369,11 +455,12 @@ def main(argv=None):
     is_msa = mcfg.attn == "msa"
     native_warmup = a.warmup_steps if a.variant == "msa_native" else 0
     phase = "train"
+    curriculum = Curriculum(a)
     for step in range(a.steps if not stopped_early else 0):
         if is_msa:
             phase = "dense_warmup" if step < native_warmup else "sparse"
             set_msa_mode(model, "dense" if step < native_warmup else "sparse")
-        length = a.warmup_len if step < native_warmup and a.warmup_len else length_at(step, a)
+        length = a.warmup_len if step < native_warmup and a.warmup_len else curriculum.length()
         lr = lr_at(step, a.steps, a.lr, a.lr_warmup, a.min_lr_frac)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -390,11 +477,14 @@ def main(argv=None):
         log.add(loss, kl, correct, count, batch["tokens"].numel())
         last = step == a.steps - 1 or out_of_time()
         # flush at the dense -> sparse switch too, so that each record has one phase
-        log.maybe_flush(step_base + step, phase, length, lr, force=last or step == native_warmup - 1)
+        rec = log.maybe_flush(step_base + step, phase, length, lr, force=last or step == native_warmup - 1)
+        curriculum.step_done(rec["acc"] if rec else None)
         if a.val_every and ((step + 1) % a.val_every == 0 or last):
             if is_msa:
                 set_msa_mode(model, "sparse")  # validate what MSA serves: sparse attention
             validate(step_base + step + 1, phase)
+        if a.recall_every and is_msa and ((step + 1) % a.recall_every == 0 or last):
+            track_recall(step_base + step + 1, phase, a.recall_contexts[:1])
         if last and step != a.steps - 1:
             stopped_early = True
             print(f"time limit reached after {step + 1} steps", flush=True)

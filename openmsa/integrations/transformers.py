@@ -36,7 +36,8 @@ Attention itself runs through the openmsa ops (no attention math here):
 
 - ``mode="dense"`` (warmup): full causal attention (torch SDPA without a cached prefix,
   else ``sparse_attention(q, k, v, None, ...)``) and ``indexer_kl_loss(..., None, ...)`` (KL
-  over all visible tokens). The layer output equals the original model's up to float
+  over all visible tokens); when the KL is wanted and the keys fit the Triton kernels' K,
+  ``msa_attention`` with K = every block instead (exactly the same, at kernel speed). The layer output equals the original model's up to float
   rounding.
 - ``mode="sparse"``: ``msa_attention`` (Index Branch Top-k, Main Branch, sparse KL).
 
@@ -95,7 +96,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import _validation as V
 from ..api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
-from ..layers.msa_attention import MODES as LAYER_MODES, IndexBranchMixin, MSAttention, dense_causal_gqa
+from ..layers.msa_attention import (MODES as LAYER_MODES, IndexBranchMixin, MSAttention,
+                                    all_blocks_topk, dense_causal_gqa)
 
 __all__ = [
     "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "collect_kl_losses",
@@ -401,6 +403,10 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
                 idx, _ = indexer_topk(qi, ki, topk=self.topk, **kw)
                 o, _ = sparse_attention(q, k, v, idx, softmax_scale=self.scaling, **kw)
                 kl = None
+        elif want_kl and (kall := all_blocks_topk(k.shape[1], self.block_size, d, di,
+                                                   self.backend, q.device)):
+            # dense mode as sparse mode with K = every block: exact, at kernel speed
+            o, kl, _ = msa_attention(q, k, v, qi, ki, topk=kall, softmax_scale=self.scaling, **kw)
         elif k.shape[1] == s and self.backend != "reference":
             # dense mode without a cached prefix (the dense KL, reference, then computes the
             # teacher's LSE itself)

@@ -4,7 +4,8 @@
     qi, ki  = sg(x) Wqi, sg(x) Wki       (Hkv index heads, one shared index key head)
     qi, ki get the same RMSNorm option and (partial) RoPE as q, k
     sparse: indices = Index Branch(qi, ki); o = Main Branch(q, k, v, indices)
-    dense:  o = full causal attention; KL over all visible tokens (warmup)
+    dense:  o = full causal attention; KL over all visible tokens (warmup); through the
+            Triton kernels as sparse mode with K = every block where they fit (all_blocks_topk)
     out = o Wo;  self.kl_loss = KL (unscaled; the trainer adds lambda * kl_loss)
 
 The index projections read a detached input, so the KL trains only Wqi/Wki (and
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _validation as V
+from .._backend import resolve
 from ..api import indexer_kl_loss, msa_attention, sparse_attention
 from .rope import apply_rope, rope_cos_sin
 
@@ -31,6 +33,30 @@ def dense_causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
         scale=scale)
     return o.transpose(1, 2)
+
+
+def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_dim: int,
+                    backend: str, device: torch.device) -> int | None:
+    """The K that selects every block of ``num_keys`` keys, when the Triton kernels run all
+    three MSA stages at these shapes with it; else None.
+
+    With that K every query selects all of its visible blocks, so sparse mode *is* dense
+    attention with the dense KL (spec section 6, warmup), exactly; dense mode then runs
+    through the Triton kernels instead of the PyTorch dense-KL reference (openmsa has no
+    dense KL kernel), as long as the blocks fit the kernels' K (64: 4K tokens at B = 64,
+    8K at B = 128)."""
+    if any(resolve(op, backend, device) != "triton"
+           for op in ("indexer_topk", "sparse_attention", "indexer_kl_loss")):
+        return None
+    from ..ops.attention import triton_impl as attn_impl
+    from ..ops.indexer import triton_impl as index_impl
+    from ..ops.kl import triton_impl as kl_impl
+    nblocks = -(-num_keys // block_size)
+    ok = (nblocks <= min(index_impl.MAX_TOPK, kl_impl.MAX_TOPK)
+          and all(block_size in m.SUPPORTED_BLOCK_SIZES for m in (attn_impl, index_impl, kl_impl))
+          and all(head_dim in m.SUPPORTED_HEAD_DIMS for m in (attn_impl, kl_impl))
+          and all(index_head_dim in m.SUPPORTED_HEAD_DIMS for m in (index_impl, kl_impl)))
+    return nblocks if ok else None
 
 
 class IndexBranchMixin:
@@ -165,6 +191,11 @@ class MSAttention(IndexBranchMixin, nn.Module):
         if self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=self.topk, backend=self.backend)
+        elif x_in.dim() == 3 and cu_seqlens is None and (kall := all_blocks_topk(
+                x_in.shape[1], self.block_size, d, di, self.backend, x.device)):
+            # dense mode as sparse mode with K = every block (see all_blocks_topk)
+            o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
+                                     topk=kall, backend=self.backend)
         elif x_in.dim() == 3 and cu_seqlens is None and self.backend != "reference":
             # dense mode on equal-length sequences (the dense KL, reference, then computes
             # the teacher's LSE itself)

@@ -71,12 +71,16 @@ def _dq_partial_dtype(dtype):
     return torch.float32
 
 
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
 def _check_supported(q, block_size):
     d = q.shape[2]
-    if d not in (16, 32, 64, 128, 256):
+    if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q: the Triton sparse attention supports head_dim in "
                          f"{{16, 32, 64, 128, 256}}, got {d}")
-    if block_size not in (16, 32, 64, 128):
+    if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size: the Triton sparse attention supports 16, 32, 64 or 128, "
                          f"got {block_size}")
 
