@@ -5,6 +5,7 @@ evaluate -> plot, in process, then the run_all.sh driver in --smoke mode)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -34,6 +35,10 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
 
 
 TINY_TASK = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4)
@@ -194,7 +199,9 @@ def test_every_variant_end_to_end(tmp_path):
     train.main(TOY + ["--variant", "msa_native", "--out", str(runs / "msa_native"), "--steps", "4",
                       "--warmup-steps", "2", "--curriculum", "64", "--curriculum-steps", "1"])
     train.main(TOY + ["--variant", "msa_converted", "--out", str(runs / "msa_converted"),
-                      "--init", str(runs / "dense"), "--steps", "2", "--warmup-steps", "2"])
+                      "--init", str(runs / "dense"), "--steps", "2", "--warmup-steps", "2",
+                      "--warmup-wide-steps", "1", "--warmup-wide-topk", "4", "--recall-every", "1",
+                      "--recall-contexts", "128", "256"])
     for v in ("dense", "window", "msa_native", "msa_converted"):
         log = json.loads((runs / v / "log.json").read_text())
         assert log["train"] and log["val"] and (runs / v / "model.pt").exists()
@@ -204,14 +211,25 @@ def test_every_variant_end_to_end(tmp_path):
     conv = json.loads((runs / "msa_converted" / "log.json").read_text())
     assert [r["phase"] for r in conv["train"]][0] == "index_warmup"
     assert conv["val"][0]["phase"] == "converted_before_warmup"
+    assert [r["phase"] for r in conv["train"]][:2] == ["index_warmup", "index_warmup_wide"]
+    # recall: before the warmup and after each step at the first context, every context after it
+    rec = [(r["step"], r["length"]) for r in conv["recall"] if r["phase"] == "index_warmup"]
+    assert rec == [(0, 128), (1, 128), (2, 128), (3, 128), (3, 256)]
+    assert all(0 <= r["mass_recall"] <= 1 + 1e-6 and len(r["mass_recall_per_layer"]) == 2
+               for r in conv["recall"])
+    assert any(r["phase"] == "sparse" for r in conv["recall"])
+    assert all(m.topk == 2 for m in M.msa_layers(M.Decoder(M.ModelConfig(**json.loads(
+        (runs / "msa_converted" / "config.json").read_text())["model"]))))  # the saved K is K
 
     evaluate.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]
-                  + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu"])
+                  + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu",
+                     "--ablate-seqs", "2"])
     ev = json.loads((runs / "msa_native" / "eval.json").read_text())
     c = ev["contexts"]["256"]
     assert 0 <= c["acc"] <= 1 and len(c["acc_by_depth"]) == evaluate.DEPTH_BINS
     assert len(c["recall"]) == 2 and 0 <= c["recall_mean"]["mass_recall"] <= 1 + 1e-6
     assert "recall" not in json.loads((runs / "dense" / "eval.json").read_text())["contexts"]["256"]
+    assert len(c["ablation_acc"]) == 2 and all(0 <= x <= 1 for x in c["ablation_acc"])
 
     report = tmp_path / "report"
     plot.main(["--runs-dir", str(runs), "--out", str(report)])
@@ -221,6 +239,54 @@ def test_every_variant_end_to_end(tmp_path):
     assert (report / "results.md").exists() and (report / "msa_native" / "eval.json").exists()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (report / "accuracy_vs_context.png").exists() and (report / "recall.png").exists()
+
+
+def _args(**kw):
+    a = dict(curriculum="64,128,256", curriculum_steps=6, curriculum_gate=0.0, train_len=512,
+             topk=2, block_size=64)
+    a.update(kw)
+    return type("A", (), a)
+
+
+def test_curriculum_equal_shares_and_gate():
+    c = train.Curriculum(_args())
+    seen = []
+    for _ in range(8):
+        seen.append(c.length())
+        c.step_done()
+    assert seen == [64, 64, 128, 128, 256, 256, 512, 512]
+    # gate 0.9 on lengths <= K * B = 128: 64 and 128 are held until a log window reaches
+    # 0.9 (at most 3 shares); 256 > 128 is never held
+    c = train.Curriculum(_args(curriculum_gate=0.9))
+    seen = []
+    for acc in [None, 0.5, None, 0.95, None, 0.1, 0.92, 0.1, None, None]:
+        seen.append(c.length())
+        c.step_done(acc)
+    assert seen == [64, 64, 64, 64, 128, 128, 128, 256, 256, 512]
+    c = train.Curriculum(_args(curriculum_gate=0.9))
+    seen = []
+    for _ in range(7):
+        seen.append(c.length())
+        c.step_done(0.2)
+    assert seen == [64] * 6 + [128]  # never passed: moves on after 3 shares
+
+
+def test_attention_ablation_changes_only_while_hooked():
+    torch.manual_seed(0)
+    model = M.Decoder(tiny_model())
+    model.reset_parameters(seed=0)
+    data = T.make_batch(TINY_TASK, 4, 96, torch.Generator().manual_seed(1))
+    tokens, pos = data["tokens"], data["answer_pos"]
+    seen = []
+    h = model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out))
+    ref = model(tokens, positions=pos)
+    accs = evaluate.attention_ablation(model, data, 4, torch.device("cpu"), contextlib.nullcontext)
+    h.remove()
+    assert len(accs) == 2 and all(0 <= x <= 1 for x in accs)
+    assert torch.equal(model(tokens, positions=pos), ref)  # the ablation hooks are gone
+    # one forward each: plain, layer 0 ablated, layer 1 ablated; each changes the last block
+    assert len(seen) == 3
+    assert rel(seen[1], seen[0]) > 1e-3 and rel(seen[2], seen[0]) > 1e-3
 
 
 def test_converted_rejects_another_task(tmp_path):
