@@ -95,6 +95,31 @@ def check_targets(runs: dict, contexts: list[int]) -> dict:
                            if x is None and not ("recall" in k and int(c) != lt)])
 
 
+USED_DROP = 0.10  # a layer the task uses: mean-ablating its attention costs > 10 points
+
+
+def layer_analysis(runs: dict, contexts: list[int]) -> dict:
+    """Per MSA run and context: the layers whose attention the task uses (evaluate.py's
+    mean ablation costs more than USED_DROP of accuracy) and their mass recall, over all
+    positions and over answer positions. Reported beside the targets, not instead of them."""
+    out = {}
+    for v in ("msa_native", "msa_converted"):
+        e = runs.get(v, {}).get("eval")
+        if not e:
+            continue
+        for c in contexts:
+            entry = e["contexts"].get(str(c), {})
+            abl, rec = entry.get("ablation_acc"), entry.get("recall")
+            if abl is None or rec is None:
+                continue
+            used = [i for i, x in enumerate(abl) if entry["acc"] - x > USED_DROP]
+            lay = [r for r in rec if r["layer"] in used]
+            mean = lambda k: sum(r[k] for r in lay) / len(lay) if lay else None  # noqa: E731
+            out.setdefault(v, {})[str(c)] = dict(used_layers=used, mass_recall=mean("mass_recall"),
+                                                 answer_mass_recall=mean("answer_mass_recall"))
+    return out
+
+
 def fmt(x, pct=True):
     if x is None:
         return "-"
@@ -129,6 +154,45 @@ def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
                              f"{fmt(g('mass_recall'), False)} | {fmt(g('answer_block_recall'), False)} | "
                              f"{fmt(g('answer_mass_recall'), False)} | {fmt(g('pair_hit'), False)} | "
                              f"{fmt(g('selected_mass'), False)} | {fmt(g('topk_mass'), False)} |")
+    abl = [v for v in runs if runs[v]["eval"] and any(
+        "ablation_acc" in e for e in runs[v]["eval"]["contexts"].values())]
+    if abl:
+        lines += ["", "## Per layer: accuracy (%) with that layer's attention mean-ablated, and "
+                  "the indexer's mass recall (all positions / answer positions)", "",
+                  "Mean ablation (evaluate.py): the layer's attention output replaced by its mean over "
+                  "the sequence. A layer whose ablation costs little is one the task does not use; "
+                  "its attention pattern is then free, and its recall says little about retrieval.", "",
+                  "| variant | context | accuracy | " + " | ".join(
+                      f"L{i} ablated | L{i} recall" for i in range(len(next(
+                          e["ablation_acc"] for e in runs[abl[0]]["eval"]["contexts"].values()
+                          if "ablation_acc" in e)))) + " |"]
+        lines.append("|---|---|---|" + "---|---|" * (len(lines[-1].split("|")) - 5 >> 1))
+        for v in abl:
+            for c in contexts:
+                e = runs[v]["eval"]["contexts"].get(str(c), {})
+                if "ablation_acc" not in e:
+                    continue
+                rec = {r["layer"]: r for r in e.get("recall", [])}
+                cells = []
+                for i, x in enumerate(e["ablation_acc"]):
+                    r = rec.get(i)
+                    cells += [fmt(x), "-" if r is None else
+                              f"{r['mass_recall']:.2f} / {r['answer_mass_recall']:.2f}"]
+                lines.append(f"| {LABELS[v]} | {c} | {fmt(e['acc'])} | " + " | ".join(cells) + " |")
+        la = layer_analysis(runs, contexts)
+        if la:
+            lines += ["", f"Mass recall of the layers the task uses (ablation costs > "
+                      f"{100 * USED_DROP:.0f} points), mean over those layers: all positions / answer "
+                      "positions.", "", "| variant | " + " | ".join(str(c) for c in contexts) + " |",
+                      "|---|" + "---|" * len(contexts)]
+            for v, per in la.items():
+                cells = []
+                for c in contexts:
+                    x = per.get(str(c))
+                    cells.append("-" if not x or x["mass_recall"] is None else
+                                 f"L{','.join(map(str, x['used_layers']))}: {x['mass_recall']:.3f} / "
+                                 f"{x['answer_mass_recall']:.3f}")
+                lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
     lines += ["", "## Accuracy (%) by depth of the queried pair (quarters of the haystack, "
               "first to last)", "", "| variant | context | " +
               " | ".join(f"q{i + 1}" for i in range(4)) + " |", "|---|---|" + "---|" * 4]
@@ -247,6 +311,34 @@ def make_plots(runs: dict, contexts: list[int], out: Path) -> list[str]:
         fig.savefig(out / "recall.png", dpi=120)
         plt.close(fig)
         written.append("recall.png")
+
+    tracked = [v for v in ("msa_native", "msa_converted")
+               if v in runs and runs[v]["log"] and runs[v]["log"].get("recall")]
+    if tracked:
+        fig, axes = plt.subplots(1, len(tracked), figsize=(5.5 * len(tracked), 4), squeeze=False)
+        for ax, v in zip(axes[0], tracked):
+            recs = runs[v]["log"]["recall"]
+            first = recs[0]["length"]
+            recs = [r for r in recs if r["length"] == first]
+            steps = [r["step"] for r in recs]
+            for i in range(len(recs[0]["mass_recall_per_layer"])):
+                ax.plot(steps, [r["mass_recall_per_layer"][i] for r in recs], "o-", ms=3,
+                        label=f"layer {i}")
+            ax.plot(steps, [r["mass_recall"] for r in recs], "k--", label="mean")
+            warm = [r["step"] for r in recs if r["phase"].startswith("index_warmup")]
+            if warm:
+                ax.axvspan(0, max(warm), color="gray", alpha=0.12, label="index warmup")
+            ax.axhline(MASS_RECALL_TARGET, color="gray", ls="-.", lw=1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"attention-mass recall @ {first // 1024}K")
+            ax.set_title(f"{LABELS[v]}: recall during training")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "recall_during_training.png", dpi=120)
+        plt.close(fig)
+        written.append("recall_during_training.png")
     return written
 
 
@@ -275,7 +367,8 @@ def main(argv=None):
                    recall={v: {str(c): runs[v]["eval"]["contexts"].get(str(c), {}).get("recall_mean")
                                for c in contexts}
                            for v in runs if v.startswith("msa") and runs[v]["eval"]},
-                   train_seconds={v: (r["log"] or {}).get("train_seconds") for v, r in runs.items()})
+                   train_seconds={v: (r["log"] or {}).get("train_seconds") for v, r in runs.items()},
+                   used_layer_recall=layer_analysis(runs, contexts))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not a.no_copy and out.resolve() != runs_dir.resolve():
         for v in runs:
