@@ -391,15 +391,21 @@ def test_unsupported_caches_are_refused():
 def test_dense_mode_sdpa_path_equals_the_reference_path():
     """Dense mode without a cached prefix runs the Main Branch through torch's SDPA; with
     backend="reference" the reference runs. Logits, KL and every gradient agree."""
+    assert_same_dense_training_step(*(converted("qwen3", mode="dense", backend=b)
+                                      for b in ("auto", "reference")), tokens(2, 40))
+
+
+def assert_same_dense_training_step(model, ref, ids):
+    """One dense-mode step (loss = mean(logits^2) + KL) of both models: logits, KL and every
+    gradient agree."""
     results = []
-    for backend in ("auto", "reference"):
-        model = converted("qwen3", mode="dense", backend=backend)
-        model.train()
-        set_msa_mode(model, "dense", compute_kl=True)
-        out = model(tokens(2, 40), use_cache=False)
-        kl = collect_kl_losses(model)
+    for m in (model, ref):
+        m.train()
+        set_msa_mode(m, "dense", compute_kl=True)
+        out = m(ids, use_cache=False)
+        kl = collect_kl_losses(m)
         (out.logits.square().mean() + kl).backward()
-        results.append((out.logits, kl, {n: p.grad.clone() for n, p in model.named_parameters()
+        results.append((out.logits, kl, {n: p.grad.clone() for n, p in m.named_parameters()
                                          if p.grad is not None}))
     (l1, k1, g1), (l2, k2, g2) = results
     assert rel_err(l1, l2) < 1e-5 and rel_err(k1, k2) < 1e-5
@@ -421,21 +427,10 @@ def test_dense_mode_through_the_kernels_equals_the_reference_path(monkeypatch):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=VOCAB,
                       max_position_embeddings=256, initializer_range=0.2, bos_token_id=None,
                       eos_token_id=None, pad_token_id=None)
-    results = []
+    models = []
     for backend in ("triton", "reference"):
-        torch.manual_seed(0)
-        model = convert_to_msa(LlamaForCausalLM(cfg), index_head_dim=64, block_size=64, topk=1,
-                               mode="dense", backend=backend, first_dense_layers=0)
-        model.train()
-        set_msa_mode(model, "dense", compute_kl=True)
-        out = model(tokens(2, 100), use_cache=False)
-        kl = collect_kl_losses(model)
-        (out.logits.square().mean() + kl).backward()
-        results.append((out.logits, kl, {n: p.grad.clone() for n, p in model.named_parameters()
-                                         if p.grad is not None}))
+        torch.manual_seed(0)  # the same weights, index projections included
+        models.append(convert_to_msa(LlamaForCausalLM(cfg), index_head_dim=64, block_size=64, topk=1,
+                                     mode="dense", backend=backend, first_dense_layers=0))
+    assert_same_dense_training_step(*models, tokens(2, 100))
     assert calls == [2, 2]  # both layers, 100 keys = 2 blocks of 64
-    (l1, k1, g1), (l2, k2, g2) = results
-    assert rel_err(l1, l2) < 1e-5 and rel_err(k1, k2) < 1e-5
-    assert g1.keys() == g2.keys() and len(g1) > 0
-    for n in g1:
-        assert rel_err(g1[n], g2[n]) < 1e-4, n

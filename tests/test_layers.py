@@ -547,10 +547,16 @@ def test_dense_mode_sdpa_path_equals_the_reference_path():
     ref = copy.deepcopy(m)
     ref.backend = "reference"
     x = torch.randn(2, 50, HIDDEN)
+    assert_same_layer_results(m, ref, x, torch.ones_like(x))
+
+
+def assert_same_layer_results(m, ref, x, w):
+    """Run both layers on x (loss = sum(out * w) + KL) and compare output, KL and every
+    gradient; returns the reference output."""
     outs = []
     for layer in (m, ref):
         out = layer(x)
-        (out.square().sum() + layer.kl_loss).backward()
+        ((out * w).sum() + layer.kl_loss).backward()
         outs.append((out, layer.kl_loss, grads(layer)))
     (o1, kl1, g1), (o2, kl2, g2) = outs
     assert_close(o1, o2, what="out")
@@ -558,6 +564,7 @@ def test_dense_mode_sdpa_path_equals_the_reference_path():
     for name, g in g2.items():
         assert g is not None and g1[name] is not None, name
         assert_close(g1[name], g, what=f"grad {name}")
+    return o2
 
 
 @pytest.mark.parametrize("seqlen", [64, 150])  # one block exactly; 3 blocks, the last partial
@@ -581,19 +588,8 @@ def test_dense_mode_through_the_kernels_equals_the_reference_path(seqlen, monkey
     monkeypatch.setattr(layer_mod, "msa_attention",
                         lambda *a, **kw: calls.append(kw["topk"]) or real(*a, **kw))
     x = torch.randn(2, seqlen, 64)
-    w = torch.randn(2, seqlen, 64)
-    outs = []
-    for layer in (m, ref):
-        out = layer(x)
-        ((out * w).sum() + layer.kl_loss).backward()
-        outs.append((out, layer.kl_loss, grads(layer)))
+    o2 = assert_same_layer_results(m, ref, x, torch.randn(2, seqlen, 64))
     assert calls == [-(-seqlen // 64)]
-    (o1, kl1, g1), (o2, kl2, g2) = outs
-    assert_close(o1, o2, what="out")
-    assert_close(kl1, kl2, what="kl")
-    for name, g in g2.items():
-        assert g is not None and g1[name] is not None, name
-        assert_close(g1[name], g, what=f"grad {name}")
     if seqlen > 64:  # one block fewer: not dense any more
         m.mode, m.topk = "sparse", -(-seqlen // 64) - 1
         assert rel_err(m(x), o2) > 1e-2
