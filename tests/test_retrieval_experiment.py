@@ -179,6 +179,15 @@ def test_recall_matches_brute_force():
                                      value_pos=torch.tensor([5, 21]))
     assert st["block_recall"] == pytest.approx(1.0) and st["mass_recall"] == pytest.approx(1.0)
     assert 0 <= st["pair_hit"] <= 1 and st["answer_mass_recall"] == pytest.approx(1.0)
+    # pair hit: row 30 holds block 1 (value 5) in group 0 only; row 39 holds block 5 (value
+    # 21) in no group: 1/4 per (group, answer), 1/2 per answer in any group
+    sel = torch.full_like(idx, -1)
+    sel[0, 30, 0] = 1
+    sel[1, 30, 0] = 2
+    sel[:, 39, 0] = 3
+    st = evaluate.block_recall_stats(q, k, sel, bs, answer_rows=torch.tensor([30, 39]),
+                                     value_pos=torch.tensor([5, 21]))
+    assert st["pair_hit"] == pytest.approx(0.25) and st["pair_hit_any_group"] == pytest.approx(0.5)
 
 
 # --- end to end -----------------------------------------------------------------------------

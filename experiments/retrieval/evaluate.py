@@ -28,7 +28,8 @@ largest a_g(t, .):
 <= 1.) Reported per layer as means over (t, g), over all qualifying positions and over
 the answer positions alone, with the absolute masses a_g(t, S) and a_g(t, S*), and the
 hit rate: how often S holds the block of the queried pair's value token at an answer
-position (what retrieval needs).
+position (what retrieval needs), per (group, answer) ("pair_hit") and per answer in at
+least one group ("pair_hit_any_group": one group retrieving is enough).
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
         vb = (value_pos // block_size).long()                                 # [Q]
         hit = (idx[:, answer_rows].long() == vb[None, :, None]).any(-1)       # [Hkv, Q]
         stats["pair_hit"] = hit.float().mean().item()
+        # per answer, in at least one group: a layer where one group retrieves and the
+        # other does something else has pair_hit ~0.5 but pair_hit_any_group ~1
+        stats["pair_hit_any_group"] = hit.any(0).float().mean().item()
     return stats
 
 
