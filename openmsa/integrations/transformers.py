@@ -37,8 +37,8 @@ Attention itself runs through the openmsa ops (no attention math here):
 - ``mode="dense"`` (warmup): full causal attention (torch SDPA without a cached prefix,
   else ``sparse_attention(q, k, v, None, ...)``) and ``indexer_kl_loss(..., None, ...)`` (KL
   over all visible tokens); when the KL is wanted and the keys fit the Triton kernels' K,
-  ``msa_attention`` with K = every block instead (exactly the same, at kernel speed). The layer output equals the original model's up to float
-  rounding.
+  ``msa_attention`` with K = every block instead (exactly the same, at kernel speed). The
+  layer output equals the original model's up to float rounding.
 - ``mode="sparse"``: ``msa_attention`` (Index Branch Top-k, Main Branch, sparse KL).
 
 Each layer stores its unscaled KL of the last forward in ``module.kl_loss``;
