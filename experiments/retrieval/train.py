@@ -18,7 +18,8 @@ Variants (README.md has the full story):
 
 Training data is drawn on the training device from a seeded generator; the length follows
 an optional curriculum (--curriculum: shorter lengths first, each for an equal share of
---curriculum-steps, held longer with --curriculum-gate until learned), at a constant token budget per step (batch = tokens_per_step // length).
+--curriculum-steps, held longer with --curriculum-gate until learned), at a constant token
+budget per step (batch = tokens_per_step // length).
 
 Writes to --out: config.json (everything needed to rebuild the model), log.json (the loss
 curve: train CE / KL / answer accuracy every --log-every steps, validation accuracy every
@@ -384,7 +385,8 @@ def main(argv=None):
         for length in contexts:
             if length not in recall_sets:  # evaluate.py's evaluation sequences (its seed)
                 recall_sets[length] = eval_set(tcfg, length, a.recall_seqs, 1234)
-            log.add_recall(step, phase, length, indexer_recall(model, recall_sets[length], device, autocast))
+            per_layer = indexer_recall(model, recall_sets[length], device, autocast)
+            log.add_recall(step, phase, length, per_layer)
         for m, mode in zip(msa_layers(model), modes):
             m.mode = mode
         model.train()
@@ -477,7 +479,8 @@ def main(argv=None):
         log.add(loss, kl, correct, count, batch["tokens"].numel())
         last = step == a.steps - 1 or out_of_time()
         # flush at the dense -> sparse switch too, so that each record has one phase
-        rec = log.maybe_flush(step_base + step, phase, length, lr, force=last or step == native_warmup - 1)
+        rec = log.maybe_flush(step_base + step, phase, length, lr,
+                              force=last or step == native_warmup - 1)
         curriculum.step_done(rec["acc"] if rec else None)
         if a.val_every and ((step + 1) % a.val_every == 0 or last):
             if is_msa:
