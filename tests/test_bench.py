@@ -54,3 +54,29 @@ def test_decode_suite_lengths_follow_the_published_rule():
         assert max(lens) <= case["per_request_len_max_possible"]
         assert -(-max(lens) // 128) <= case["max_pages_upper_bound"]
         assert min(lens) >= case["q_len_per_req"]
+
+
+def test_workload_table_writers(tmp_path, monkeypatch):
+    """The decode-suite and prefill-selection writers: JSON + markdown, rows and errors."""
+    import json
+    import types
+
+    from openmsa.bench import workloads
+    monkeypatch.setattr(workloads.torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    args = types.SimpleNamespace(out=str(tmp_path), heads=[64, 4])
+    rows = [dict(suite="full", name="a", weight=2, lens_min=1, lens_max=9, slots=4, median_us=10.0, cv=0.01),
+            dict(suite="full", name="b", weight=1, lens_min=1, lens_max=9, slots=4, median_us=40.0, cv=0.02),
+            dict(suite="full", name="c", weight=1, error="OOM")]
+    assert workloads._save_decode_suite(args, rows) == 20.0
+    d = json.loads((tmp_path / "decode_suite.json").read_text())
+    assert d["device"] == "FakeGPU" and d["weighted_mean_us_full"] == 20.0 and len(d["rows"]) == 3
+    md = (tmp_path / "decode_suite.md").read_text()
+    assert "Weighted mean over cases_full: 20.0 us" in md and "| full | c | 1 | - | - | OOM | - |" in md
+    rows = [dict(case_id=1, batch_size=2, total_q=8, max_final_kv=64, median_ms=1.0, cv=0.0,
+                 useful_tflops=5.0, representative_weight=3),
+            dict(case_id=2, error="OOM")]
+    workloads._save_prefill_selection(args, rows)
+    p = json.loads((tmp_path / "prefill_selection.json").read_text())
+    assert p["weighted_mean_ms_representative"] == 1.0 and len(p["rows"]) == 2
+    md = (tmp_path / "prefill_selection.md").read_text()
+    assert "1 of 2 cases ran" in md and "| 2 | - | - | - | OOM | - | - |" in md

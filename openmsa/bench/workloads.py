@@ -119,11 +119,9 @@ def decode_suite_main(argv=None):
 def _save_decode_suite(args, rows):
     full = [r for r in rows if r["suite"] == "full" and "median_us" in r]
     wmean = (sum(r["median_us"] * r["weight"] for r in full) / sum(r["weight"] for r in full)) if full else None
-    os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
-    with open(os.path.join(args.out, "decode_suite.json"), "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "heads": args.heads,
-                   "weighted_mean_us_full": wmean, "rows": rows}, f, indent=1)
+    payload = {"device": name, "torch": torch.__version__, "heads": args.heads,
+               "weighted_mean_us_full": wmean, "rows": rows}
     lines = [f"Official decode suite, {name}, torch {torch.__version__}, bf16, Hq={args.heads[0]} "
              f"Hkv={args.heads[1]} D=Di={D} page=block={PAGE} K={K}; per-call median of 120 calls in one "
              f"CUDA graph (20 replays after 5), inputs rotated over page slots.", "",
@@ -135,9 +133,17 @@ def _save_decode_suite(args, rows):
                          f"{r['slots']} | {r['median_us']:.1f} | {r['cv']:.3f} |")
         else:
             lines.append(f"| {r['suite']} | {r['name']} | {r['weight']} | - | - | {r['error']} | - |")
-    with open(os.path.join(args.out, "decode_suite.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_results(args.out, "decode_suite", payload, lines)
     return wmean
+
+
+def _write_results(out: str, stem: str, payload: dict, lines: list) -> None:
+    """``out/stem.json`` (the payload) and ``out/stem.md`` (the table lines)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def prefill_selection_main(argv=None):
@@ -193,16 +199,14 @@ def prefill_selection_main(argv=None):
 
 
 def _save_prefill_selection(args, rows):
-    os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name()
     ok = [r for r in rows if "median_ms" in r]
     rep = [r for r in ok if r["representative_weight"]]
     wmean = (sum(r["median_ms"] * r["representative_weight"] for r in rep)
              / sum(r["representative_weight"] for r in rep)) if rep else None
-    with open(os.path.join(args.out, "prefill_selection.json"), "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "heads": args.heads,
-                   "note": "total_q split evenly; every request gets max_final_kv keys (upper bound)",
-                   "weighted_mean_ms_representative": wmean, "rows": rows}, f, indent=1)
+    payload = {"device": name, "torch": torch.__version__, "heads": args.heads,
+               "note": "total_q split evenly; every request gets max_final_kv keys (upper bound)",
+               "weighted_mean_ms_representative": wmean, "rows": rows}
     lines = [f"Official prefill selection, {name}, torch {torch.__version__}, bf16, Hq={args.heads[0]} "
              f"Hkv={args.heads[1]}; CUDA events, median of 10 after 3 warmups. Per-request lengths are "
              f"not published: total_q split evenly, every request at max_final_kv (an upper bound).", "",
@@ -215,8 +219,7 @@ def _save_prefill_selection(args, rows):
                          f"{r['median_ms']:.3f} | {r['cv']:.3f} | {r['useful_tflops']:.1f} |")
         else:
             lines.append(f"| {r['case_id']} | - | - | - | {r['error']} | - | - |")
-    with open(os.path.join(args.out, "prefill_selection.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_results(args.out, "prefill_selection", payload, lines)
 
 
 def main(argv=None):
