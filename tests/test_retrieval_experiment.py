@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,86 @@ def test_pairs_spread_over_the_whole_haystack():
     frac_last_eighth = (pp > length * 7 / 8).float().mean().item()
     assert 0.05 < frac_last_eighth < 0.2
     assert pp.min() < length / 8
+
+
+def test_chain_walk_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    batch, length, n = 3, 300, 11
+    succ = torch.stack([torch.randperm(n, generator=g) for _ in range(batch)])
+    jump = torch.rand(batch, length, generator=g) < 0.15
+    start = torch.randint(0, n, (batch, length), generator=g)
+    ref = torch.empty(batch, length, dtype=torch.long)
+    for b in range(batch):
+        for t in range(length):
+            ref[b, t] = start[b, t] if t == 0 or jump[b, t] else succ[b, ref[b, t - 1]]
+    assert torch.equal(T.chain_walk(succ, jump, start), ref)
+    # runs longer than any power of two below the length: no jumps at all
+    none = torch.zeros_like(jump)
+    x = T.chain_walk(succ, none, start)
+    assert torch.equal(x[:, 1:], succ.gather(1, x[:, :-1]))
+
+
+def test_markov_chain_is_one_cycle_with_the_given_jump_rate():
+    n = 32
+    x = T.markov_chain(4, 4000, n, 1.0, torch.Generator().manual_seed(1))
+    # no jumps: the walk visits every state once per n steps (one cycle through all states)
+    assert all(len(set(row[:n].tolist())) == n for row in x)
+    assert torch.equal(x[:, n:], x[:, :-n])
+    x = T.markov_chain(4, 4000, n, 0.8, torch.Generator().manual_seed(2))
+    # the successor of a sequence: the most frequent next state of each state
+    hits = 0
+    for row in x:
+        pairs = torch.stack([row[:-1], row[1:]], 1)
+        succ = torch.tensor([torch.bincount(pairs[pairs[:, 0] == s, 1], minlength=n).argmax()
+                             for s in range(n)])
+        hits += (row[1:] == succ[row[:-1]]).sum().item()
+    frac = hits / (4 * 3999)
+    assert abs(frac - (0.8 + 0.2 / n)) < 0.02  # chain steps, plus the jumps that land on succ
+
+
+def test_chain_haystack_labels_every_filler_transition():
+    cfg = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4,
+                       haystack="chain", chain_prob=0.9)
+    length = 200
+    b = T.make_batch(cfg, 3, length, torch.Generator().manual_seed(3))
+    tok, lm = b["tokens"], b["lm_labels"]
+    noise = tok >= cfg.noise_start
+    sep = 1 + cfg.haystack_len(length)
+    for i in range(3):
+        for t in range(length - 1):
+            want = tok[i, t + 1].item() if noise[i, t] and noise[i, t + 1] else T.IGNORE
+            assert lm[i, t].item() == want
+        assert (lm[i, sep - 1:] == T.IGNORE).all()  # nothing across SEP or in the queries
+    # the answers and pairs are laid out as with the noise haystack (same checks, fewer)
+    for i in range(3):
+        for q, p in zip(b["answer_pos"][i].tolist(), b["pair_pos"][i].tolist()):
+            assert tok[i, q] == tok[i, p] and b["labels"][i, q] == tok[i, p + 1]
+    assert "lm_labels" not in T.make_batch(TINY_TASK, 1, 96, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="haystack"):
+        T.TaskConfig(haystack="words")
+    with pytest.raises(ValueError, match="chain_prob"):
+        T.TaskConfig(haystack="chain", chain_prob=1.5)
+
+
+def test_task_loss_adds_the_filler_cross_entropy():
+    cfg = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4,
+                       haystack="chain")
+    torch.manual_seed(0)
+    model = M.Decoder(M.ModelConfig(**{**tiny_model().to_dict(), "vocab_size": cfg.vocab_size}))
+    batch = T.make_batch(cfg, 2, 96, torch.Generator().manual_seed(1))
+    plain = train.answer_loss(model, batch)
+    obj, ans, correct, count, lm = train.task_loss(model, batch, 0.0)
+    assert lm is None and torch.allclose(obj, plain[0]) and count == plain[2]
+    obj, ans, correct, count, (lm_loss, lm_correct, lm_count) = train.task_loss(model, batch, 0.5)
+    logits = model(batch["tokens"])
+    valid = batch["lm_labels"] != T.IGNORE
+    ref = F.cross_entropy(logits[valid], batch["lm_labels"][valid])
+    torch.testing.assert_close(ans, plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(obj, plain[0] + 0.5 * ref, rtol=1e-5, atol=1e-6)
+    assert lm_count.item() == valid.sum().item()
+    assert lm_correct.item() == (logits[valid].argmax(-1) == batch["lm_labels"][valid]).sum().item()
+    assert correct.item() == plain[1].item()
 
 
 # --- model ------------------------------------------------------------------------------
@@ -190,6 +271,30 @@ def test_recall_matches_brute_force():
     assert st["pair_hit"] == pytest.approx(0.25) and st["pair_hit_any_group"] == pytest.approx(0.5)
 
 
+def test_local_oracle_recall_is_the_best_selection_holding_the_local_block():
+    torch.manual_seed(2)
+    n, hq, hkv, d, bs, kk = 48, 4, 2, 8, 4, 3
+    q, k = torch.randn(n, hq, d) * 2, torch.randn(n, hkv, d)
+    best = torch.full((hkv, n, kk), -1)
+    ceiling = []
+    for grp in range(hkv):
+        for t in range(n):
+            p = sum(torch.softmax((k[: t + 1, grp] @ q[t, h]) * d ** -0.5, 0) for h in range(grp * 2, grp * 2 + 2))
+            mass = torch.zeros(t // bs + 1).index_add_(0, torch.arange(t + 1) // bs, p)
+            loc = t // bs
+            rest = mass.clone()
+            rest[loc] = -1
+            others = rest.topk(min(kk - 1, loc)).indices if loc else torch.empty(0, dtype=torch.long)
+            best[grp, t, : 1 + len(others)] = torch.cat([others, torch.tensor([loc])])
+            if loc + 1 > kk:  # the rows the metric counts (more than K visible blocks)
+                ceiling.append(((mass[loc] + mass[others].sum()) / mass.topk(kk).values.sum()).item())
+    st = evaluate.block_recall_stats(q, k, best, bs, max_bytes=4096)
+    assert st["local_oracle_recall"] == pytest.approx(sum(ceiling) / len(ceiling), abs=1e-5)
+    assert st["mass_recall_vs_local_oracle"] == pytest.approx(1.0, abs=1e-6)
+    assert st["mass_recall"] == pytest.approx(st["local_oracle_recall"], abs=1e-6)
+    assert st["local_oracle_recall"] < 1  # here the local block is often not among the top K
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 TOY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -239,6 +344,17 @@ def test_every_variant_end_to_end(tmp_path):
     assert len(c["recall"]) == 2 and 0 <= c["recall_mean"]["mass_recall"] <= 1 + 1e-6
     assert "recall" not in json.loads((runs / "dense" / "eval.json").read_text())["contexts"]["256"]
     assert len(c["ablation_acc"]) == 2 and all(0 <= x <= 1 for x in c["ablation_acc"])
+
+    # the chain haystack with the filler loss: logged and evaluated
+    train.main(TOY + ["--variant", "msa_native", "--out", str(runs / "chain"), "--steps", "3",
+                      "--haystack", "chain", "--lm-weight", "1.0", "--warmup-steps", "1"])
+    log = json.loads((runs / "chain" / "log.json").read_text())
+    assert all(0 <= r["lm_acc"] <= 1 and r["lm_loss"] > 0 for r in log["train"])
+    evaluate.main(["--runs", str(runs / "chain"), "--contexts", "128", "--eval-seqs", "4",
+                   "--recall-seqs", "1", "--device", "cpu"])
+    f = json.loads((runs / "chain" / "eval.json").read_text())["contexts"]["128"]["filler"]
+    assert 0 <= f["acc"] <= 1 and f["targets"] > 0
+    shutil.rmtree(runs / "chain")  # the report below wants the four variants only
 
     report = tmp_path / "report"
     plot.main(["--runs-dir", str(runs), "--out", str(report)])
@@ -318,3 +434,9 @@ def test_run_all_smoke(tmp_path):
         assert (tmp_path / "out" / v / "eval.json").exists()
         assert (tmp_path / "pack" / f"{v}.tgz").exists()
     assert (tmp_path / "out" / "report" / "summary.json").exists()
+    # the default task is the chain filler with its next-token loss: evaluated and reported
+    cfg = json.loads((tmp_path / "out" / "dense" / "config.json").read_text())
+    assert cfg["task"]["haystack"] == "chain"
+    assert "filler" in json.loads((tmp_path / "out" / "msa_native" / "eval.json").read_text())["contexts"]["256"]
+    md = (tmp_path / "out" / "report" / "results.md").read_text()
+    assert "Filler next-token accuracy" in md and "ceiling (local block kept)" in md

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import Decoder, ModelConfig, msa_layers, set_msa_mode  # noqa: E402
-from task import TaskConfig, eval_set, split_batches  # noqa: E402
+from task import IGNORE, TaskConfig, eval_set, split_batches  # noqa: E402
 
 import openmsa  # noqa: E402
 from openmsa.layers.rope import apply_rope, rope_cos_sin  # noqa: E402
@@ -65,6 +65,24 @@ def evaluate_answers(model, data: dict, batch: int, device) -> dict:
     correct = torch.cat(correct)  # [N, Q] bool
     loss = torch.stack(losses).sum().item() / correct.numel()
     return dict(acc=correct.float().mean().item(), loss=loss, correct=correct)
+
+
+@torch.no_grad()
+def evaluate_filler(model, data: dict, batch: int, device) -> dict:
+    """Next-token accuracy and CE of a "chain" haystack's filler transitions (``lm_labels``).
+
+    The chain's ceiling: a chain step is predictable once the current token has occurred
+    earlier in the context; a jump (probability 1 - chain_prob) is not."""
+    correct = count = 0
+    loss = 0.0
+    for b in split_batches(data, batch, device):
+        logits = model(b["tokens"]).float().flatten(0, 1)
+        target = b["lm_labels"].flatten()
+        valid = target != IGNORE
+        loss += F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
+        correct += ((logits.argmax(-1) == target) & valid).sum().item()
+        count += valid.sum().item()
+    return dict(acc=correct / max(1, count), loss=loss / max(1, count), targets=count)
 
 
 def answer_accuracy(model, data: dict, batch: int, device) -> tuple[float, float]:
@@ -119,7 +137,13 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
                        max_bytes: int = 1 << 30) -> dict:
     """Recall of the selected blocks ``idx`` [Hkv, L, K] (-1 padded) against the top-K
     blocks by the true group-mean attention mass of q [L, Hq, D], k [L, Hkv, D] (one
-    causal sequence). Chunked over query rows; plain float32 torch."""
+    causal sequence). Chunked over query rows; plain float32 torch.
+
+    MSA always keeps the query's local block (spec section 4), so the indexer chooses only
+    K - 1 blocks; when the local block is not among the K heaviest, no selection reaches
+    mass recall 1. ``local_oracle_recall`` is that ceiling: the mass of the best selection
+    that holds the local block (the local block + the K - 1 heaviest others) over the top-K
+    mass; ``mass_recall_vs_local_oracle`` = selected mass / that best selection's mass."""
     n, hq, d = q.shape
     hkv, _, topk = idx.shape
     g = hq // hkv
@@ -129,7 +153,8 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
     pos = torch.arange(n, device=q.device)
     # per (g, t): block recall, mass recall, selected mass, top-K mass; NaN where t has <= K blocks
     out = {key: torch.full((hkv, n), float("nan"), device=q.device)
-           for key in ("block_recall", "mass_recall", "selected_mass", "topk_mass")}
+           for key in ("block_recall", "mass_recall", "selected_mass", "topk_mass",
+                       "local_oracle_recall", "mass_recall_vs_local_oracle")}
     for r0 in range(0, n, rows_per):
         r1 = min(n, r0 + rows_per)
         keys = r1  # rows < r1 see keys < r1 only
@@ -150,10 +175,16 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
         sel_mask = sel_mask[..., :nbk]
         top_mass = (mass * top_mask).sum(-1)
         sel_mass = (mass * sel_mask).sum(-1)
+        is_local = torch.arange(nbk, device=q.device)[None, :] == local[:, None]     # [R, nbk]
+        others = mass.masked_fill(~blocks_visible | is_local, -1.0)
+        best_others = others.topk(min(topk - 1, nbk), dim=-1).values.clamp_min(0).sum(-1)
+        oracle_mass = (mass * is_local).sum(-1) + best_others
         qualify = (local + 1 > topk)[None].expand(hkv, -1)
         vals = dict(block_recall=(sel_mask & top_mask).sum(-1).float() / topk,
                     mass_recall=sel_mass / top_mass.clamp_min(1e-30),
-                    selected_mass=sel_mass, topk_mass=top_mass)
+                    selected_mass=sel_mass, topk_mass=top_mass,
+                    local_oracle_recall=oracle_mass / top_mass.clamp_min(1e-30),
+                    mass_recall_vs_local_oracle=sel_mass / oracle_mass.clamp_min(1e-30))
         for key, v in vals.items():
             out[key][:, r0:r1] = torch.where(qualify, v, torch.full_like(v, float("nan")))
     stats = {key: _nanmean(v) for key, v in out.items()}
@@ -221,7 +252,7 @@ def load_run(run_dir: Path, device) -> tuple[Decoder, TaskConfig, dict]:
 
 
 def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int, recall_seqs: int,
-                 seed: int, device, amp, ablate_seqs: int = 0) -> dict:
+                 seed: int, device, amp, ablate_seqs: int = 0, filler_seqs: int = 32) -> dict:
     model, tcfg, cfg = load_run(run_dir, device)
     is_msa = bool(msa_layers(model))
     if is_msa:
@@ -238,6 +269,10 @@ def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int,
             r = evaluate_answers(model, data, max(1, tokens_per_batch // length), device)
         entry = dict(acc=r["acc"], loss=r["loss"], answers=r["correct"].numel(),
                      acc_by_depth=accuracy_by_depth(r["correct"], data["pair_pos"], length))
+        if "lm_labels" in data:  # a "chain" haystack: how well the filler is predicted
+            sub = {k: v[:filler_seqs] for k, v in data.items()}
+            with autocast():
+                entry["filler"] = evaluate_filler(model, sub, max(1, tokens_per_batch // length), device)
         if is_msa and recall_seqs > 0:
             sub = {k: v[:recall_seqs] for k, v in data.items()}
             entry["recall"] = indexer_recall(model, sub, device, autocast)
@@ -250,6 +285,8 @@ def evaluate_run(run_dir: Path, contexts, eval_seqs: int, tokens_per_batch: int,
         entry["seconds"] = time.time() - t0
         res["contexts"][str(length)] = entry
         msg = f"{cfg['variant']:14s} ctx {length:6d}: acc {entry['acc']:.4f} loss {entry['loss']:.4f}"
+        if "filler" in entry:
+            msg += f" | filler next-token acc {entry['filler']['acc']:.4f}"
         if "recall_mean" in entry:
             rm = entry["recall_mean"]
             msg += (f" | block recall {rm['block_recall']:.3f} mass recall {rm['mass_recall']:.3f}"

@@ -126,6 +126,11 @@ def fmt(x, pct=True):
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
+def _filler_acc(runs, v, c):
+    e = (runs[v].get("eval") or {}).get("contexts", {}).get(str(c), {})
+    return e.get("filler", {}).get("acc")
+
+
 def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
     lines = ["# Retrieval experiment: results", ""]
     dev = next((r["log"].get("device_name") for r in runs.values() if r["log"]), None)
@@ -138,6 +143,14 @@ def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
         t = r["log"].get("train_seconds") if r["log"] else None
         lines.append(f"| {LABELS[v]} | " + " | ".join(fmt(acc(runs, v, c)) for c in contexts)
                      + f" | {'-' if t is None else f'{t:.0f}'} |")
+    filler = {v: [_filler_acc(runs, v, c) for c in contexts] for v in runs}
+    if any(x is not None for xs in filler.values() for x in xs):
+        lines += ["", "## Filler next-token accuracy (%) (\"chain\" haystack: the in-context Markov "
+                  "chain's transitions; a jump cannot be predicted)", "",
+                  "| variant | " + " | ".join(str(c) for c in contexts) + " |",
+                  "|---|" + "---|" * len(contexts)]
+        for v, xs in filler.items():
+            lines.append(f"| {LABELS[v]} | " + " | ".join(fmt(x) for x in xs) + " |")
     msa = [v for v in ("msa_native", "msa_converted") if v in runs]
     if msa:
         lines += ["", "## Indexer recall (mean over MSA layers; all positions with > K visible "
@@ -154,6 +167,20 @@ def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
                              f"{fmt(g('mass_recall'), False)} | {fmt(g('answer_block_recall'), False)} | "
                              f"{fmt(g('answer_mass_recall'), False)} | {fmt(g('pair_hit'), False)} | "
                              f"{fmt(g('selected_mass'), False)} | {fmt(g('topk_mass'), False)} |")
+        oracle = [(v, c) for v in msa for c in contexts
+                  if recall_mean(runs, v, c, "local_oracle_recall") is not None]
+        if oracle:
+            lines += ["", "MSA keeps the query's local block, so the indexer picks only K - 1 blocks. "
+                      "*Ceiling*: the mass recall of the best selection that holds the local block "
+                      "(the local block + the K - 1 heaviest others); *recall vs that selection*: "
+                      "selected mass / its mass (evaluate.py, `block_recall_stats`).", "",
+                      "| variant | context | mass recall | ceiling (local block kept) | "
+                      "mass recall vs the best such selection |", "|---|---|---|---|---|"]
+            for v, c in oracle:
+                g = lambda k: recall_mean(runs, v, c, k)  # noqa: E731
+                lines.append(f"| {LABELS[v]} | {c} | {fmt(g('mass_recall'), False)} | "
+                             f"{fmt(g('local_oracle_recall'), False)} | "
+                             f"{fmt(g('mass_recall_vs_local_oracle'), False)} |")
     abl = [v for v in runs if runs[v]["eval"] and any(
         "ablation_acc" in e for e in runs[v]["eval"]["contexts"].values())]
     if abl:

@@ -6,8 +6,13 @@
 #   --smoke          tiny CPU sizes (context 256, block 16, K 2, a few steps per variant)
 #   --only LIST      comma-separated subset of dense,window,msa_native,msa_converted,plot
 #                    (default: all; msa_converted needs OUT_DIR/dense from this or an earlier call)
-#   --lanes N        1: one after the other (default); 2: two GPUs at once, lane A = dense then
+#   --lanes N        1: one after the other (default); 2: two lanes at once, lane A = dense then
 #                    msa_converted on GPU 0, lane B = window then msa_native on GPU 1
+#   --one-gpu        with --lanes 2: both lanes on GPU 0 (the small models leave room; the
+#                    third run ran this way, each run then about 1.3-2x slower than alone)
+#   --iid-filler     the first two runs' task: i.i.d. noise filler (vocabulary 64), answers
+#                    only supervised (default: the third run's "chain" filler, vocabulary 256,
+#                    with its next-token loss; README.md says why)
 #   --scale F        multiply every step count by F (0.5 about halves the GPU time)
 #   --time-limit S   cap of each training run in seconds (it then stops and saves; default 300)
 #   --call-budget S  the whole call's wall-clock budget (default 570, for a 600-s device call): a
@@ -19,9 +24,11 @@
 #                    machine that returns at most 8 files per call, and what is done is packed
 #                    even if the call is cut short
 #
-# GPU-time estimate (one H100, measured in the second run): dense ~2.3 min, window ~2 min,
-# msa_native ~4 min, msa_converted ~2.3 min (each with its evaluation), plots seconds:
-# ~11 minutes (two device calls). Each run also stops itself after --time-limit seconds.
+# GPU-time estimate (one H100; the second run, alone on the GPU): dense ~2.3 min, window
+# ~2 min, msa_native ~4 min, msa_converted ~2.3 min (each with its evaluation), plots
+# seconds: ~11 minutes (two device calls). The third run (chain filler, two lanes on one
+# GPU): dense 240 s, converted 137-241 s, window 210 s of training; native reached ~3100
+# of its 4000 steps in its 300-s --time-limit. Each run stops itself after --time-limit s.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -33,9 +40,10 @@ else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,22p' "$0"; exit 2; }
+[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,31p' "$0"; exit 2; }
 OUT="$1"; shift
 SMOKE=0; ONLY="dense,window,msa_native,msa_converted,plot"; LANES=1; SCALE=1; TIME_LIMIT=300
+ONE_GPU=0; IID=0
 CALL_BUDGET=570
 CONTEXTS="4096 8192 16384"; PACK=""; PACK_CKPT=0; EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -43,6 +51,8 @@ while [[ $# -gt 0 ]]; do
         --smoke) SMOKE=1 ;;
         --only) ONLY="$2"; shift ;;
         --lanes) LANES="$2"; shift ;;
+        --one-gpu) ONE_GPU=1 ;;
+        --iid-filler) IID=1 ;;
         --scale) SCALE="$2"; shift ;;
         --time-limit) TIME_LIMIT="$2"; shift ;;
         --call-budget) CALL_BUDGET="$2"; shift ;;
@@ -60,11 +70,15 @@ T0=$SECONDS
 steps() { awk -v n="$1" -v f="$SCALE" 'BEGIN { s = int(n * f + 0.5); print (s < 1 ? 1 : s) }'; }
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
+if [[ $IID == 1 ]]; then FILLER=(--haystack noise)
+else FILLER=(--haystack chain --lm-weight 1.0); fi
+
 if [[ $SMOKE == 1 ]]; then
     # Every code path at toy sizes: a few steps, CPU, seconds per variant.
     COMMON=(--device cpu --threads 1 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16
             --mlp-hidden 64 --rotary-dim 8 --index-head-dim 16 --block-size 16 --topk 2
             --num-keys 32 --num-values 16 --num-noise 16 --num-pairs 8 --num-queries 4
+            "${FILLER[@]}"
             --train-len 256 --tokens-per-step 1024 --log-every 2 --val-every 4 --val-seqs 4
             --lr-warmup 2)
     CURRICULUM=(--curriculum 128 --curriculum-steps 2)
@@ -82,7 +96,10 @@ else
     # the first 1250 steps (a length <= K * B = 512 is held, up to 3 shares, until the
     # training accuracy reaches 0.9: the early plateau), then 16K (at 256, 512 tokens MSA's
     # sparse mode selects every visible block).
-    COMMON=(--num-keys 128 --num-values 64 --num-noise 64 --num-pairs 6 --num-queries 6
+    # Filler: the chain over 256 noise tokens with its next-token loss (--iid-filler: the first
+    # two runs' i.i.d. noise over 64 tokens, answers only).
+    if [[ $IID == 1 ]]; then FILLER+=(--num-noise 64); else FILLER+=(--num-noise 256); fi
+    COMMON=(--num-keys 128 --num-values 64 --num-pairs 6 --num-queries 6 "${FILLER[@]}"
             --train-len 16384 --tokens-per-step 65536 --log-every 50 --val-every 250 --val-seqs 64)
     CURRICULUM=(--curriculum 256,512,1024,2048,4096,8192 --curriculum-steps "$(steps 1250)"
                 --curriculum-gate 0.9)
@@ -94,11 +111,14 @@ else
     # dense-mode steps; README.md, "Seeds", says why the H100 runs have none.)
     NATIVE=(--steps "$(steps 4000)" --lr 1.5e-3 --warmup-steps 0 --kl-weight 0.1 --recall-every 250)
     # Converted: 400 index-warmup steps at 4K (dense mode, backbone frozen; 64 blocks, so
-    # dense mode runs through the kernels as sparse mode with K = 64: every block), the
-    # indexer's recall measured every 100 steps and at the end of the warmup; then 600 sparse
-    # fine-tuning steps at 16K with a lower LR (the sparse KL keeps training the index).
+    # dense mode runs through the kernels as sparse mode with K = 64: every block), then 150
+    # at 16K in sparse mode with K = 64 (the KL over the 64 blocks the index ranks first: the
+    # dense KL at 16K has no kernel), the indexer's recall measured every 100 steps and at
+    # the end of the warmup; then 600 sparse fine-tuning steps at 16K with a lower LR (the
+    # sparse KL keeps training the index).
     CONVERTED=(--steps "$(steps 600)" --lr 3e-4 --lr-warmup 30 --warmup-steps "$(steps 400)"
-               --warmup-len 4096 --index-lr 3e-3 --kl-weight 0.1 --recall-every 100)
+               --warmup-len 4096 --warmup-wide-steps "$(steps 150)" --warmup-wide-topk 64
+               --index-lr 3e-3 --kl-weight 0.1 --recall-every 100)
     EVAL=(--eval-seqs 256 --recall-seqs 2 --ablate-seqs 64)
 fi
 read -r -a CTX <<< "$CONTEXTS"
@@ -148,7 +168,7 @@ lane_b() {
 
 if [[ $LANES == 2 ]]; then
     (export CUDA_VISIBLE_DEVICES=0; lane_a) > "$OUT/lane_a.log" 2>&1 & PA=$!
-    (export CUDA_VISIBLE_DEVICES=1; lane_b) > "$OUT/lane_b.log" 2>&1 & PB=$!
+    (export CUDA_VISIBLE_DEVICES=$((1 - ONE_GPU)); lane_b) > "$OUT/lane_b.log" 2>&1 & PB=$!
     RC=0; wait $PA || RC=1; wait $PB || RC=1
     cat "$OUT/lane_a.log" "$OUT/lane_b.log"
     [[ $RC == 0 ]] || { echo "a lane failed" >&2; exit 1; }

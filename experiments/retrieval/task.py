@@ -20,6 +20,20 @@ W = 512, length 4096), while MSA must *select* the one block holding the pair.
 
 Keys, values and noise use disjoint token ranges; the assignment of values to keys is
 fresh in every sequence, so nothing can be memorised: the answer must be retrieved.
+
+The filler (``haystack``):
+
+- ``"noise"``: i.i.d. uniform noise tokens. Nothing in it can be predicted, so only the
+  answers are supervised, and a layer's attention at every other position is unconstrained
+  by the loss.
+- ``"chain"``: an in-context Markov chain over the noise tokens. Each sequence draws its own
+  successor permutation ``succ`` (one random cycle through all noise tokens); the next
+  filler token is ``succ(current)`` with probability ``chain_prob``, else uniform (a jump). Nothing is memorisable (``succ`` is
+  new in every sequence), but after a token's first occurrence its successor can be read
+  off the context: attend to the token after an earlier occurrence of the current one
+  (an induction lookup, the same lookup that answers a query). ``lm_labels`` supervises
+  every filler-to-filler transition, so that, as in language modelling, attention is used
+  at (almost) every position and not only at the answers.
 Generation is deterministic given the ``torch.Generator`` (and device) it is given.
 """
 
@@ -32,6 +46,7 @@ import torch
 IGNORE = -100  # label of unsupervised positions (torch cross_entropy's ignore_index)
 PAD, BOS, SEP = 0, 1, 2
 NUM_SPECIAL = 3
+HAYSTACKS = ("noise", "chain")
 
 
 @dataclass(frozen=True)
@@ -41,8 +56,14 @@ class TaskConfig:
     num_noise: int = 64      # filler vocabulary
     num_pairs: int = 16      # pairs hidden in the haystack
     num_queries: int = 16    # pairs asked for at the end (the rest are distractor pairs)
+    haystack: str = "noise"  # filler: "noise" (i.i.d.) or "chain" (in-context Markov chain)
+    chain_prob: float = 0.8  # "chain": probability that the next filler token is succ(current)
 
     def __post_init__(self):
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
+        if not 0.0 <= self.chain_prob <= 1.0:
+            raise ValueError(f"chain_prob must be in [0, 1], got {self.chain_prob}")
         if self.num_pairs > self.num_keys:
             raise ValueError("num_pairs must be <= num_keys (keys of a sequence are distinct)")
         if not 1 <= self.num_queries <= self.num_pairs:
@@ -85,6 +106,8 @@ def make_batch(cfg: TaskConfig, batch: int, length: int, generator: torch.Genera
       answer_pos int64 [batch, Q]     positions whose prediction is an answer (the query keys)
       pair_pos   int64 [batch, Q]     position of the queried key in the haystack (for depth
                                       analyses and the indexer's retrieval hit rate)
+      lm_labels  int64 [batch, length] ("chain" haystack only) next-token targets of every
+                                      filler position followed by filler, else -100
     """
     if length < cfg.min_length():
         raise ValueError(f"length {length} is too short for {cfg.num_pairs} pairs and "
@@ -103,7 +126,10 @@ def make_batch(cfg: TaskConfig, batch: int, length: int, generator: torch.Genera
     keys = torch.rand(batch, cfg.num_keys, **kw).argsort(dim=1)[:, :n] + cfg.key_start
     values = torch.randint(0, cfg.num_values, (batch, n), **kw) + cfg.value_start
 
-    tokens = torch.randint(0, cfg.num_noise, (batch, length), **kw) + cfg.noise_start
+    if cfg.haystack == "chain":
+        tokens = markov_chain(batch, length, cfg.num_noise, cfg.chain_prob, generator) + cfg.noise_start
+    else:
+        tokens = torch.randint(0, cfg.num_noise, (batch, length), **kw) + cfg.noise_start
     tokens[:, 0] = BOS
     tokens.scatter_(1, key_pos, keys)
     tokens.scatter_(1, key_pos + 1, values)
@@ -121,7 +147,51 @@ def make_batch(cfg: TaskConfig, batch: int, length: int, generator: torch.Genera
     labels = torch.full_like(tokens, IGNORE)
     labels.scatter_(1, answer_pos, qv)  # position t predicts token t + 1
     out = dict(tokens=tokens, labels=labels, answer_pos=answer_pos, pair_pos=key_pos.gather(1, pick))
+    if cfg.haystack == "chain":
+        # filler -> filler transitions of the haystack (not the ones into or out of a pair,
+        # whose tokens overwrote the chain, and not SEP): t predicts t + 1
+        noise = tokens >= cfg.noise_start
+        lm = torch.full_like(tokens, IGNORE)
+        both = noise[:, :-1] & noise[:, 1:]
+        lm[:, :-1] = torch.where(both, tokens[:, 1:], lm[:, :-1])
+        out["lm_labels"] = lm
     return {k: v.to(device) for k, v in out.items()}
+
+
+def markov_chain(batch: int, length: int, num_states: int, stay: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``[batch, length]`` int64 states in [0, num_states): per sequence a random cyclic
+    permutation ``succ``; x_0 uniform, then x_{t+1} = succ(x_t) with probability ``stay``,
+    else uniform (a jump)."""
+    gdev = generator.device
+    kw = dict(generator=generator, device=gdev)
+    # succ: one random cycle through all states (a random cyclic order), so that the chain
+    # never loops through a short cycle that a local window could read off
+    order = torch.rand(batch, num_states, **kw).argsort(dim=1)
+    succ = torch.empty_like(order).scatter_(1, order, order.roll(-1, dims=1))
+    jump = torch.rand(batch, length, **kw) >= stay
+    start = torch.randint(0, num_states, (batch, length), **kw)  # the state after a jump
+    return chain_walk(succ, jump, start)
+
+
+def chain_walk(succ: torch.Tensor, jump: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """x_t = start_t where ``jump[:, t]`` (and at t = 0), else succ(x_{t-1}); per sequence.
+
+    Vectorised (no loop over the length): between two jumps the chain walks ``succ``, so
+    x_t = succ^(t - s)(start_s) with s the last jump at or before t; the power is applied by
+    binary decomposition with the permutations succ^(2^b) (log2(length) gathers)."""
+    batch, length = jump.shape
+    jump = jump.clone()
+    jump[:, 0] = True
+    t = torch.arange(length, device=jump.device).expand(batch, length)
+    last = torch.where(jump, t, torch.zeros_like(t)).cummax(dim=1).values
+    x = start.gather(1, last)
+    steps = t - last
+    power = succ  # succ^(2^b)
+    for b in range(max(1, (length - 1).bit_length())):  # no host sync on the max
+        x = torch.where((steps >> b) & 1 == 1, power.gather(1, x), x)
+        power = power.gather(1, power)
+    return x
 
 
 def eval_set(cfg: TaskConfig, length: int, num_seqs: int, seed: int) -> dict:

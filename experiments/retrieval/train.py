@@ -46,9 +46,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import (Decoder, ModelConfig, convert_dense_to_msa, count_parameters,  # noqa: E402
                    index_parameters, kl_loss, msa_layers, set_msa_mode)
-from task import TaskConfig, make_batch  # noqa: E402
+from task import HAYSTACKS, IGNORE, TaskConfig, eval_set, make_batch  # noqa: E402
 from evaluate import answer_accuracy, indexer_recall  # noqa: E402
-from task import eval_set  # noqa: E402
 
 VARIANTS = ("dense", "window", "msa_native", "msa_converted")
 ATTN_OF = {"dense": "dense", "window": "window", "msa_native": "msa", "msa_converted": "msa"}
@@ -69,6 +68,13 @@ def parse_args(argv=None):
     g.add_argument("--num-noise", type=int, default=64)
     g.add_argument("--num-pairs", type=int, default=16)
     g.add_argument("--num-queries", type=int, default=16)
+    g.add_argument("--haystack", default="noise", choices=HAYSTACKS,
+                   help="filler: i.i.d. noise, or an in-context Markov chain (task.py)")
+    g.add_argument("--chain-prob", type=float, default=0.8,
+                   help="--haystack chain: probability of the chain step (else a jump)")
+    g.add_argument("--lm-weight", type=float, default=0.0,
+                   help="--haystack chain: loss = answer CE + this * the filler's next-token CE "
+                        "(0: answers only)")
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=int, default=256)
     g.add_argument("--layers", type=int, default=4)
@@ -143,7 +149,8 @@ def parse_args(argv=None):
 
 def task_config(a) -> TaskConfig:
     return TaskConfig(num_keys=a.num_keys, num_values=a.num_values, num_noise=a.num_noise,
-                      num_pairs=a.num_pairs, num_queries=a.num_queries)
+                      num_pairs=a.num_pairs, num_queries=a.num_queries, haystack=a.haystack,
+                      chain_prob=a.chain_prob)
 
 
 def model_config(a, vocab_size: int) -> ModelConfig:
@@ -212,6 +219,28 @@ def answer_loss(model, batch):
     return loss, correct, target.numel()
 
 
+def task_loss(model, batch, lm_weight: float = 0.0):
+    """(loss to minimise, answer CE, #correct answers, #answers, LM stats or None).
+
+    With ``lm_weight`` > 0 and a "chain" haystack the filler's next-token CE is added
+    (weighted); LM stats = (filler CE, #correct filler predictions, #filler targets)."""
+    if lm_weight <= 0 or "lm_labels" not in batch:
+        loss, correct, count = answer_loss(model, batch)
+        return loss, loss, correct, count, None
+    logits = model(batch["tokens"])  # [B, L, V]: every position is scored
+    ans = batch["answer_pos"]
+    a_logits = logits.gather(1, ans[..., None].expand(-1, -1, logits.shape[-1])).float()
+    target = batch["labels"].gather(1, ans)
+    loss = F.cross_entropy(a_logits.flatten(0, 1), target.flatten())
+    correct = (a_logits.argmax(-1) == target).sum()
+    lm_target = batch["lm_labels"].flatten()
+    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), lm_target, ignore_index=IGNORE)
+    valid = lm_target != IGNORE
+    lm_correct = ((logits.flatten(0, 1).argmax(-1) == lm_target) & valid).sum()
+    return (loss + lm_weight * lm_loss, loss, correct, target.numel(),
+            (lm_loss, lm_correct, valid.sum()))
+
+
 class Logger:
     """Accumulates step metrics on the device; syncs (and rewrites log.json) every
     --log-every steps only."""
@@ -223,11 +252,14 @@ class Logger:
         self._reset()
 
     def _reset(self):
-        self.sum_loss = self.sum_kl = self.correct = None
+        self.sum_loss = self.sum_kl = self.correct = self.lm = None
         self.count = self.steps = self.tokens = 0
 
-    def add(self, loss, kl, correct, count, tokens):
+    def add(self, loss, kl, correct, count, tokens, lm=None):
         z = lambda t: t.detach().float() if t is not None else None  # noqa: E731
+        if lm is not None:  # (filler CE, #correct, #targets): summed on the device
+            lm = torch.stack([z(x) for x in lm])
+            self.lm = lm if self.lm is None else self.lm + lm
         self.sum_loss = z(loss) if self.sum_loss is None else self.sum_loss + z(loss)
         if kl is not None:
             self.sum_kl = z(kl) if self.sum_kl is None else self.sum_kl + z(kl)
@@ -244,17 +276,25 @@ class Logger:
                    loss=self.sum_loss.item() / self.steps,
                    kl=None if self.sum_kl is None else self.sum_kl.item() / self.steps,
                    acc=self.correct.item() / max(1, self.count),
+                   **self._lm_record(),
                    tokens_per_s=self.tokens / max(1e-9, now - self.t_flush),
                    time=now - self.t0)
         self.train.append(rec)
         kl = "" if rec["kl"] is None else f" kl {rec['kl']:.4f}"
+        lm = "" if "lm_loss" not in rec else f" lm {rec['lm_loss']:.3f}/{rec['lm_acc']:.3f}"
         print(f"[{phase}] step {rec['step']:5d} len {length:5d} loss {rec['loss']:.4f}{kl} "
-              f"acc {rec['acc']:.3f} lr {lr:.2e} {rec['tokens_per_s'] / 1e3:.0f}k tok/s "
+              f"acc {rec['acc']:.3f}{lm} lr {lr:.2e} {rec['tokens_per_s'] / 1e3:.0f}k tok/s "
               f"t {rec['time']:.0f}s", flush=True)
         self._reset()
         self.write()
         self.t_flush = time.time()  # the JSON write is not training time
         return rec
+
+    def _lm_record(self) -> dict:
+        if self.lm is None:
+            return {}
+        lm_loss, lm_correct, lm_count = self.lm.tolist()
+        return dict(lm_loss=lm_loss / self.steps, lm_acc=lm_correct / max(1.0, lm_count))
 
     def add_val(self, step, phase, acc, loss):
         self.val.append(dict(step=step, phase=phase, acc=acc, loss=loss, time=time.time() - self.t0))
@@ -468,15 +508,15 @@ def main(argv=None):
             grp["lr"] = lr
         batch = batch_for(length)
         with autocast():
-            loss, correct, count = answer_loss(model, batch)
+            objective, loss, correct, count, lm = task_loss(model, batch, a.lm_weight)
         kl = kl_loss(model) if is_msa else None
-        total = loss if kl is None else loss + a.kl_weight * kl
+        total = objective if kl is None else objective + a.kl_weight * kl
         total.backward()
         if a.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.add(loss, kl, correct, count, batch["tokens"].numel())
+        log.add(loss, kl, correct, count, batch["tokens"].numel(), lm)
         last = step == a.steps - 1 or out_of_time()
         # flush at the dense -> sparse switch too, so that each record has one phase
         rec = log.maybe_flush(step_base + step, phase, length, lr,
