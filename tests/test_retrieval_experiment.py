@@ -248,6 +248,10 @@ def test_recall_matches_brute_force():
     br, mr = brute_force_recall(q, k, idx, bs)
     assert st["block_recall"] == pytest.approx(br, abs=1e-5)
     assert st["mass_recall"] == pytest.approx(mr, abs=1e-5)
+    rows = evaluate.block_recall_stats(q, k, idx, bs, max_bytes=4096, per_row=True)["rows"]
+    assert rows["mass_recall"].shape == (hkv, n)
+    assert torch.isnan(rows["mass_recall"][:, : kk * bs]).all()  # rows with <= K blocks
+    assert rows["mass_recall"].nanmean().item() == pytest.approx(mr, abs=1e-5)
     # selecting the true top-K blocks gives recall 1
     oracle = torch.full_like(idx, -1)
     for grp in range(hkv):

@@ -134,7 +134,7 @@ def _msa_projections(m: openmsa.MSAttention, x: torch.Tensor):
 
 
 def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=None,
-                       max_bytes: int = 1 << 30) -> dict:
+                       max_bytes: int = 1 << 30, per_row: bool = False) -> dict:
     """Recall of the selected blocks ``idx`` [Hkv, L, K] (-1 padded) against the top-K
     blocks by the true group-mean attention mass of q [L, Hq, D], k [L, Hkv, D] (one
     causal sequence). Chunked over query rows; plain float32 torch.
@@ -143,7 +143,8 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
     K - 1 blocks; when the local block is not among the K heaviest, no selection reaches
     mass recall 1. ``local_oracle_recall`` is that ceiling: the mass of the best selection
     that holds the local block (the local block + the K - 1 heaviest others) over the top-K
-    mass; ``mass_recall_vs_local_oracle`` = selected mass / that best selection's mass."""
+    mass; ``mass_recall_vs_local_oracle`` = selected mass / that best selection's mass.
+    ``per_row=True`` adds the per-(group, row) values under "rows"."""
     n, hq, d = q.shape
     hkv, _, topk = idx.shape
     g = hq // hkv
@@ -188,6 +189,8 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
         for key, v in vals.items():
             out[key][:, r0:r1] = torch.where(qualify, v, torch.full_like(v, float("nan")))
     stats = {key: _nanmean(v) for key, v in out.items()}
+    if per_row:  # the [Hkv, L] values themselves (NaN where a row does not qualify)
+        stats["rows"] = out
     if answer_rows is not None:
         for key, v in out.items():
             stats["answer_" + key] = _nanmean(v[:, answer_rows])
