@@ -16,6 +16,9 @@ Variants (README.md has the full story):
                  warmup (dense mode, backbone frozen, loss = KL, only the index learns), then
                  --steps of sparse fine-tuning with CE + kl_weight * KL.
 
+Loss: the answers' CE, plus (--haystack chain --lm-weight W) W times the next-token CE of the
+filler's in-context Markov chain (task.py), plus for MSA kl_weight times the KL.
+
 Training data is drawn on the training device from a seeded generator; the length follows
 an optional curriculum (--curriculum: shorter lengths first, each for an equal share of
 --curriculum-steps, held longer with --curriculum-gate until learned), at a constant token
