@@ -67,6 +67,15 @@ def evaluate_answers(model, data: dict, batch: int, device) -> dict:
     return dict(acc=correct.float().mean().item(), loss=loss, correct=correct)
 
 
+def filler_ce(logits, lm_labels):
+    """(mean CE, #correct, #targets) of logits [B, L, V] at the filler targets ``lm_labels``
+    [B, L] (-100 elsewhere): the chain filler's next-token loss (train.py) and metric."""
+    logits, target = logits.flatten(0, 1), lm_labels.flatten()
+    valid = target != IGNORE
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    return loss, ((logits.argmax(-1) == target) & valid).sum(), valid.sum()
+
+
 @torch.no_grad()
 def evaluate_filler(model, data: dict, batch: int, device) -> dict:
     """Next-token accuracy and CE of a "chain" haystack's filler transitions (``lm_labels``).
@@ -76,12 +85,10 @@ def evaluate_filler(model, data: dict, batch: int, device) -> dict:
     correct = count = 0
     loss = 0.0
     for b in split_batches(data, batch, device):
-        logits = model(b["tokens"]).float().flatten(0, 1)
-        target = b["lm_labels"].flatten()
-        valid = target != IGNORE
-        loss += F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
-        correct += ((logits.argmax(-1) == target) & valid).sum().item()
-        count += valid.sum().item()
+        ce, ok, n = filler_ce(model(b["tokens"]), b["lm_labels"])
+        loss += ce.item() * n.item()
+        correct += ok.item()
+        count += n.item()
     return dict(acc=correct / max(1, count), loss=loss / max(1, count), targets=count)
 
 

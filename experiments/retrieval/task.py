@@ -28,9 +28,9 @@ The filler (``haystack``):
   by the loss.
 - ``"chain"``: an in-context Markov chain over the noise tokens. Each sequence draws its own
   successor permutation ``succ`` (one random cycle through all noise tokens); the next
-  filler token is ``succ(current)`` with probability ``chain_prob``, else uniform (a jump). Nothing is memorisable (``succ`` is
-  new in every sequence), but after a token's first occurrence its successor can be read
-  off the context: attend to the token after an earlier occurrence of the current one
+  filler token is ``succ(current)`` with probability ``chain_prob``, else uniform (a jump).
+  Nothing is memorisable (``succ`` is new in every sequence), but after a token's first
+  occurrence its successor can be read off the context: attend to the token after an earlier occurrence of the current one
   (an induction lookup, the same lookup that answers a query). ``lm_labels`` supervises
   every filler-to-filler transition, so that, as in language modelling, attention is used
   at (almost) every position and not only at the answers.

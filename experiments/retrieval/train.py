@@ -49,8 +49,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import (Decoder, ModelConfig, convert_dense_to_msa, count_parameters,  # noqa: E402
                    index_parameters, kl_loss, msa_layers, set_msa_mode)
-from task import HAYSTACKS, IGNORE, TaskConfig, eval_set, make_batch  # noqa: E402
-from evaluate import answer_accuracy, indexer_recall  # noqa: E402
+from task import HAYSTACKS, TaskConfig, eval_set, make_batch  # noqa: E402
+from evaluate import answer_accuracy, filler_ce, indexer_recall  # noqa: E402
 
 VARIANTS = ("dense", "window", "msa_native", "msa_converted")
 ATTN_OF = {"dense": "dense", "window": "window", "msa_native": "msa", "msa_converted": "msa"}
@@ -213,13 +213,17 @@ def make_optimizer(params, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=params[0].is_cuda)
 
 
-def answer_loss(model, batch):
-    """CE over the answer tokens only (the task's supervised positions) and #correct."""
-    logits = model(batch["tokens"], positions=batch["answer_pos"]).float()
+def _answer_ce(logits, batch):
+    """CE and #correct of answer logits [B, Q, V] against the batch's answers."""
+    logits = logits.float()
     target = batch["labels"].gather(1, batch["answer_pos"])
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-    correct = (logits.argmax(-1) == target).sum()
-    return loss, correct, target.numel()
+    return loss, (logits.argmax(-1) == target).sum(), target.numel()
+
+
+def answer_loss(model, batch):
+    """CE over the answer tokens only (the task's supervised positions) and #correct."""
+    return _answer_ce(model(batch["tokens"], positions=batch["answer_pos"]), batch)
 
 
 def task_loss(model, batch, lm_weight: float = 0.0):
@@ -232,16 +236,10 @@ def task_loss(model, batch, lm_weight: float = 0.0):
         return loss, loss, correct, count, None
     logits = model(batch["tokens"])  # [B, L, V]: every position is scored
     ans = batch["answer_pos"]
-    a_logits = logits.gather(1, ans[..., None].expand(-1, -1, logits.shape[-1])).float()
-    target = batch["labels"].gather(1, ans)
-    loss = F.cross_entropy(a_logits.flatten(0, 1), target.flatten())
-    correct = (a_logits.argmax(-1) == target).sum()
-    lm_target = batch["lm_labels"].flatten()
-    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), lm_target, ignore_index=IGNORE)
-    valid = lm_target != IGNORE
-    lm_correct = ((logits.flatten(0, 1).argmax(-1) == lm_target) & valid).sum()
-    return (loss + lm_weight * lm_loss, loss, correct, target.numel(),
-            (lm_loss, lm_correct, valid.sum()))
+    loss, correct, count = _answer_ce(logits.gather(1, ans[..., None].expand(-1, -1, logits.shape[-1])),
+                                      batch)
+    lm = filler_ce(logits, batch["lm_labels"])
+    return loss + lm_weight * lm[0], loss, correct, count, lm
 
 
 class Logger:
