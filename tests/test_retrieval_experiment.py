@@ -156,6 +156,35 @@ def test_chain_haystack_labels_every_filler_transition():
         T.TaskConfig(haystack="chain", chain_prob=1.5)
 
 
+def test_chain_occurrences_fixes_the_states_per_sequence():
+    """chain_occurrences: each sequence walks a random subset of ~haystack / occurrences
+    noise tokens (its own subset), still a chain over that subset."""
+    cfg = T.TaskConfig(num_keys=32, num_values=16, num_noise=512, num_pairs=4, num_queries=2,
+                       haystack="chain", chain_prob=1.0, chain_occurrences=8)
+    for length, want in ((200, round(cfg.haystack_len(200) / 8)), (8000, 512), (40, 4)):
+        assert cfg.chain_states(length) == max(2, min(512, want))
+    length = 1000
+    states = cfg.chain_states(length)
+    b = T.make_batch(cfg, 4, length, torch.Generator().manual_seed(5))
+    tok, lm = b["tokens"], b["lm_labels"]
+    used = []
+    for i in range(4):
+        filler = tok[i][tok[i] >= cfg.noise_start]
+        distinct = filler.unique()
+        # a chain_prob 1 walk visits its states in cycle order: all of them, in ~length steps
+        assert len(distinct) == states
+        used.append(set(distinct.tolist()))
+        # every transition with both ends in the filler follows one fixed successor
+        valid = lm[i] != T.IGNORE
+        succ = {}
+        for a, nxt in zip(tok[i][valid].tolist(), lm[i][valid].tolist()):
+            assert succ.setdefault(a, nxt) == nxt
+    assert len(set.union(*used)) > states  # the subsets differ between sequences
+    assert T.TaskConfig(haystack="chain", num_noise=64).chain_states(10 ** 6) == 64
+    with pytest.raises(ValueError, match="chain_occurrences"):
+        T.TaskConfig(haystack="chain", chain_occurrences=-1)
+
+
 def test_task_loss_adds_the_filler_cross_entropy():
     cfg = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4,
                        haystack="chain")
@@ -299,6 +328,31 @@ def test_local_oracle_recall_is_the_best_selection_holding_the_local_block():
     assert st["local_oracle_recall"] < 1  # here the local block is often not among the top K
 
 
+def test_perfect_student_recall_is_block_max_selection_on_the_teacher():
+    torch.manual_seed(3)
+    n, hq, hkv, d, bs, kk = 44, 4, 2, 8, 4, 3
+    q, k = torch.randn(n, hq, d) * 2, torch.randn(n, hkv, d)
+    pick = torch.full((hkv, n, kk), -1)
+    want = []
+    for grp in range(hkv):
+        for t in range(n):
+            p = sum(torch.softmax((k[: t + 1, grp].double() @ q[t, h].double()) * d ** -0.5, 0)
+                    for h in range(grp * 2, grp * 2 + 2)) / 2
+            blk = torch.arange(t + 1) // bs
+            mass = torch.zeros(t // bs + 1, dtype=torch.float64).index_add_(0, blk, p)
+            peak = torch.full((t // bs + 1,), -1.0, dtype=torch.float64).scatter_reduce_(0, blk, p, "amax")
+            loc = t // bs
+            peak[loc] = -1
+            others = peak.topk(min(kk - 1, loc)).indices if loc else torch.empty(0, dtype=torch.long)
+            pick[grp, t, : 1 + len(others)] = torch.cat([others, torch.tensor([loc])])
+            if loc + 1 > kk:
+                want.append(((mass[loc] + mass[others].sum()) / mass.topk(kk).values.sum()).item())
+    st = evaluate.block_recall_stats(q, k, pick, bs, max_bytes=4096)
+    assert st["perfect_student_recall"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+    assert st["mass_recall"] == pytest.approx(st["perfect_student_recall"], abs=1e-5)
+    assert st["perfect_student_recall"] <= st["local_oracle_recall"] + 1e-6
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 TOY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -338,6 +392,24 @@ def test_every_variant_end_to_end(tmp_path):
     assert any(r["phase"] == "sparse" for r in conv["recall"])
     assert all(m.topk == 2 for m in M.msa_layers(M.Decoder(M.ModelConfig(**json.loads(
         (runs / "msa_converted" / "config.json").read_text())["model"]))))  # the saved K is K
+
+    # the long warmup stage in dense mode (the KL over every visible token), on half the
+    # tokens per step; and a warmup cut by --warmup-time-limit, after which the run goes on
+    for name, extra in (("conv_dense_long", ["--warmup-time-limit", "0"]),
+                        ("conv_cut", ["--warmup-time-limit", "1e-9"])):
+        train.main(TOY + ["--variant", "msa_converted", "--out", str(runs / name),
+                          "--init", str(runs / "dense"), "--steps", "2", "--warmup-steps", "1",
+                          "--warmup-wide-steps", "2", "--warmup-wide-topk", "0",
+                          "--warmup-wide-tokens", "256", "--log-every", "1"] + extra)
+    log = json.loads((runs / "conv_dense_long" / "log.json").read_text())
+    wide = [r for r in log["train"] if r["phase"] == "index_warmup_wide"]
+    assert len(wide) == 2 and all(r["kl"] > 0 and r["length"] == 128 for r in wide)
+    assert "warmup_cut_after_steps" not in log
+    log = json.loads((runs / "conv_cut" / "log.json").read_text())
+    assert log["warmup_cut_after_steps"] == 1 and not log["stopped_early"]
+    assert [r["phase"] for r in log["train"]] == ["index_warmup", "sparse", "sparse"]
+    for name in ("conv_dense_long", "conv_cut"):
+        shutil.rmtree(runs / name)
 
     evaluate.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]
                   + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu",
@@ -440,7 +512,9 @@ def test_run_all_smoke(tmp_path):
     assert (tmp_path / "out" / "report" / "summary.json").exists()
     # the default task is the chain filler with its next-token loss: evaluated and reported
     cfg = json.loads((tmp_path / "out" / "dense" / "config.json").read_text())
-    assert cfg["task"]["haystack"] == "chain"
+    assert cfg["task"]["haystack"] == "chain" and cfg["task"]["chain_occurrences"] == 8
+    assert T.TaskConfig(**cfg["task"]).chain_states(256) < cfg["task"]["num_noise"]  # a subset
     assert "filler" in json.loads((tmp_path / "out" / "msa_native" / "eval.json").read_text())["contexts"]["256"]
     md = (tmp_path / "out" / "report" / "results.md").read_text()
     assert "Filler next-token accuracy" in md and "ceiling (local block kept)" in md
+    assert "perfect index (block max)" in md

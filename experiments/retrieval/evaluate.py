@@ -151,6 +151,9 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
     mass recall 1. ``local_oracle_recall`` is that ceiling: the mass of the best selection
     that holds the local block (the local block + the K - 1 heaviest others) over the top-K
     mass; ``mass_recall_vs_local_oracle`` = selected mass / that best selection's mass.
+    ``perfect_student_recall``: the recall of the spec's block-max selection applied to the
+    teacher distribution itself (the local block + the K - 1 blocks with the largest single
+    token probability), i.e. what an index that matches the teacher exactly would reach.
     ``per_row=True`` adds the per-(group, row) values under "rows"."""
     n, hq, d = q.shape
     hkv, _, topk = idx.shape
@@ -162,7 +165,8 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
     # per (g, t): block recall, mass recall, selected mass, top-K mass; NaN where t has <= K blocks
     out = {key: torch.full((hkv, n), float("nan"), device=q.device)
            for key in ("block_recall", "mass_recall", "selected_mass", "topk_mass",
-                       "local_oracle_recall", "mass_recall_vs_local_oracle")}
+                       "local_oracle_recall", "mass_recall_vs_local_oracle",
+                       "perfect_student_recall")}
     for r0 in range(0, n, rows_per):
         r1 = min(n, r0 + rows_per)
         keys = r1  # rows < r1 see keys < r1 only
@@ -187,12 +191,19 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
         others = mass.masked_fill(~blocks_visible | is_local, -1.0)
         best_others = others.topk(min(topk - 1, nbk), dim=-1).values.clamp_min(0).sum(-1)
         oracle_mass = (mass * is_local).sum(-1) + best_others
+        # block max of the teacher itself: what the spec's block-max selection reaches with
+        # an index whose distribution equals the teacher's (KL 0), local block kept
+        peak = p.view(hkv, r1 - r0, nbk, block_size).amax(-1).masked_fill(~blocks_visible | is_local, -1.0)
+        peak_pick = peak.topk(min(topk - 1, nbk), dim=-1).indices
+        student_mass = (mass * is_local).sum(-1) + (mass.gather(-1, peak_pick)
+                                                     * (peak.gather(-1, peak_pick) >= 0)).sum(-1)
         qualify = (local + 1 > topk)[None].expand(hkv, -1)
         vals = dict(block_recall=(sel_mask & top_mask).sum(-1).float() / topk,
                     mass_recall=sel_mass / top_mass.clamp_min(1e-30),
                     selected_mass=sel_mass, topk_mass=top_mass,
                     local_oracle_recall=oracle_mass / top_mass.clamp_min(1e-30),
-                    mass_recall_vs_local_oracle=sel_mass / oracle_mass.clamp_min(1e-30))
+                    mass_recall_vs_local_oracle=sel_mass / oracle_mass.clamp_min(1e-30),
+                    perfect_student_recall=student_mass / top_mass.clamp_min(1e-30))
         for key, v in vals.items():
             out[key][:, r0:r1] = torch.where(qualify, v, torch.full_like(v, float("nan")))
     stats = {key: _nanmean(v) for key, v in out.items()}

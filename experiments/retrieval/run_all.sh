@@ -11,20 +11,27 @@
 #   --one-gpu        with --lanes 2: both lanes on GPU 0 (the small models leave room; the
 #                    third run ran this way, each run then about 1.3-2x slower than alone)
 #   --iid-filler     the first two runs' task: i.i.d. noise filler (vocabulary 64), answers
-#                    only supervised (default: the third run's "chain" filler, vocabulary 256,
-#                    with its next-token loss; README.md says why)
+#                    only supervised (default: the "chain" filler with its next-token loss;
+#                    README.md says why)
+#   --occurrences N  the chain walks a random subset of about haystack / N of 2048 noise tokens
+#                    per sequence, so a token recurs ~N times at any length (default 8: the
+#                    fourth run); 0: the third run's chain over all of 256 noise tokens
 #   --scale F        multiply every step count by F (0.5 about halves the GPU time)
 #   --time-limit S   cap of each training run in seconds (it then stops and saves; default 300)
 #   --call-budget S  the whole call's wall-clock budget (default 570, for a 600-s device call): a
 #                    training run gets at most what is left minus 90 s for its evaluation;
 #                    0 = no budget
 #   --contexts "..." evaluation contexts (default "4096 8192 16384")
+#   --recall-seqs N  sequences per context for the indexer's recall (default 2)
 #   --pack DIR       DIR/<variant>.tgz as soon as a run is evaluated (its JSON + logs; model.pt
 #                    too with --pack-ckpt), DIR/report.tgz after the plots: few files, for a
 #                    machine that returns at most 8 files per call, and what is done is packed
 #                    even if the call is cut short
 #
-# GPU-time estimate (one H100; the second run, alone on the GPU): dense ~2.3 min, window
+# GPU-time estimate (the fourth run, one H100 per run: nvidia-h100-x4, one lane per GPU, as in
+# results/h100_run4_occ8/calls/): dense 130 s + 25 s evaluation, converted 130-150 s + 40 s,
+# native 240-275 s + 40 s, window 115 s; a dense -> converted lane ~6 min. Older estimates:
+# (one H100; the second run, alone on the GPU): dense ~2.3 min, window
 # ~2 min, msa_native ~4 min, msa_converted ~2.3 min (each with its evaluation), plots
 # seconds: ~11 minutes (two device calls). The third run (chain filler, two lanes on one
 # GPU): dense 240 s, converted 137-241 s, window 210 s of training; native reached ~3100
@@ -40,12 +47,12 @@ else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,31p' "$0"; exit 2; }
+[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,38p' "$0"; exit 2; }
 OUT="$1"; shift
 SMOKE=0; ONLY="dense,window,msa_native,msa_converted,plot"; LANES=1; SCALE=1; TIME_LIMIT=300
-ONE_GPU=0; IID=0
+ONE_GPU=0; IID=0; OCC=8
 CALL_BUDGET=570
-CONTEXTS="4096 8192 16384"; PACK=""; PACK_CKPT=0; EXTRA=()
+CONTEXTS="4096 8192 16384"; PACK=""; PACK_CKPT=0; EXTRA=(); RECALL_SEQS=2
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --smoke) SMOKE=1 ;;
@@ -53,10 +60,12 @@ while [[ $# -gt 0 ]]; do
         --lanes) LANES="$2"; shift ;;
         --one-gpu) ONE_GPU=1 ;;
         --iid-filler) IID=1 ;;
+        --occurrences) OCC="$2"; shift ;;
         --scale) SCALE="$2"; shift ;;
         --time-limit) TIME_LIMIT="$2"; shift ;;
         --call-budget) CALL_BUDGET="$2"; shift ;;
         --contexts) CONTEXTS="$2"; shift ;;
+        --recall-seqs) RECALL_SEQS="$2"; shift ;;
         --pack) PACK="$2"; shift ;;
         --pack-ckpt) PACK_CKPT=1 ;;
         --) shift; EXTRA=("$@"); break ;;
@@ -71,13 +80,13 @@ steps() { awk -v n="$1" -v f="$SCALE" 'BEGIN { s = int(n * f + 0.5); print (s < 
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [[ $IID == 1 ]]; then FILLER=(--haystack noise)
-else FILLER=(--haystack chain --lm-weight 1.0); fi
+else FILLER=(--haystack chain --lm-weight 1.0 --chain-occurrences "$OCC"); fi
 
 if [[ $SMOKE == 1 ]]; then
     # Every code path at toy sizes: a few steps, CPU, seconds per variant.
     COMMON=(--device cpu --threads 1 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --head-dim 16
             --mlp-hidden 64 --rotary-dim 8 --index-head-dim 16 --block-size 16 --topk 2
-            --num-keys 32 --num-values 16 --num-noise 16 --num-pairs 8 --num-queries 4
+            --num-keys 32 --num-values 16 --num-noise 64 --num-pairs 8 --num-queries 4
             "${FILLER[@]}"
             --train-len 256 --tokens-per-step 1024 --log-every 2 --val-every 4 --val-seqs 4
             --lr-warmup 2)
@@ -96,9 +105,12 @@ else
     # the first 1250 steps (a length <= K * B = 512 is held, up to 3 shares, until the
     # training accuracy reaches 0.9: the early plateau), then 16K (at 256, 512 tokens MSA's
     # sparse mode selects every visible block).
-    # Filler: the chain over 256 noise tokens with its next-token loss (--iid-filler: the first
+    # Filler: the chain with its next-token loss, over ~haystack / 8 of 2048 noise tokens per
+    # sequence (--occurrences 0: the third run's chain over all of 256; --iid-filler: the first
     # two runs' i.i.d. noise over 64 tokens, answers only).
-    if [[ $IID == 1 ]]; then FILLER+=(--num-noise 64); else FILLER+=(--num-noise 256); fi
+    if [[ $IID == 1 ]]; then FILLER+=(--num-noise 64)
+    elif [[ $OCC != 0 ]]; then FILLER+=(--num-noise 2048)
+    else FILLER+=(--num-noise 256); fi
     COMMON=(--num-keys 128 --num-values 64 --num-pairs 6 --num-queries 6 "${FILLER[@]}"
             --train-len 16384 --tokens-per-step 65536 --log-every 50 --val-every 250 --val-seqs 64)
     CURRICULUM=(--curriculum 256,512,1024,2048,4096,8192 --curriculum-steps "$(steps 1250)"
@@ -119,7 +131,7 @@ else
     CONVERTED=(--steps "$(steps 600)" --lr 3e-4 --lr-warmup 30 --warmup-steps "$(steps 400)"
                --warmup-len 4096 --warmup-wide-steps "$(steps 150)" --warmup-wide-topk 64
                --index-lr 3e-3 --kl-weight 0.1 --recall-every 100)
-    EVAL=(--eval-seqs 256 --recall-seqs 2 --ablate-seqs 64)
+    EVAL=(--eval-seqs 256 --recall-seqs "$RECALL_SEQS" --ablate-seqs 64)
 fi
 read -r -a CTX <<< "$CONTEXTS"
 

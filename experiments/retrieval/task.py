@@ -30,10 +30,14 @@ The filler (``haystack``):
   successor permutation ``succ`` (one random cycle through all noise tokens); the next
   filler token is ``succ(current)`` with probability ``chain_prob``, else uniform (a jump).
   Nothing is memorisable (``succ`` is new in every sequence), but after a token's first
-  occurrence its successor can be read off the context: attend to the token after an earlier occurrence of the current one
-  (an induction lookup, the same lookup that answers a query). ``lm_labels`` supervises
-  every filler-to-filler transition, so that, as in language modelling, attention is used
-  at (almost) every position and not only at the answers.
+  occurrence its successor can be read off the context: attend to the token after an
+  earlier occurrence of the current one (an induction lookup, the same lookup that answers a
+  query). ``lm_labels`` supervises every filler-to-filler transition, so that, as in language
+  modelling, attention is used at (almost) every position and not only at the answers.
+  With ``chain_occurrences`` > 0 a sequence's chain walks over a random subset of about
+  haystack_len / chain_occurrences noise tokens, so that a token recurs about that often at
+  any length (over all noise tokens the recurrences grow with the length, and the lookup's
+  attention spreads over ever more, equally useful, occurrences).
 Generation is deterministic given the ``torch.Generator`` (and device) it is given.
 """
 
@@ -58,12 +62,18 @@ class TaskConfig:
     num_queries: int = 16    # pairs asked for at the end (the rest are distractor pairs)
     haystack: str = "noise"  # filler: "noise" (i.i.d.) or "chain" (in-context Markov chain)
     chain_prob: float = 0.8  # "chain": probability that the next filler token is succ(current)
+    # "chain": if > 0, each sequence's chain runs over a random subset of about
+    # haystack_len / chain_occurrences noise tokens (so a state recurs about this many times
+    # at any length); 0: over all num_noise tokens
+    chain_occurrences: float = 0.0
 
     def __post_init__(self):
         if self.haystack not in HAYSTACKS:
             raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
         if not 0.0 <= self.chain_prob <= 1.0:
             raise ValueError(f"chain_prob must be in [0, 1], got {self.chain_prob}")
+        if self.chain_occurrences < 0:
+            raise ValueError(f"chain_occurrences must be >= 0, got {self.chain_occurrences}")
         if self.num_pairs > self.num_keys:
             raise ValueError("num_pairs must be <= num_keys (keys of a sequence are distinct)")
         if not 1 <= self.num_queries <= self.num_pairs:
@@ -91,6 +101,13 @@ class TaskConfig:
     def min_length(self) -> int:
         # the pairs need 2 tokens each, and there should be room for some filler
         return 2 + 2 * self.num_queries + 3 * self.num_pairs
+
+    def chain_states(self, length: int) -> int:
+        """How many noise tokens a "chain" haystack of a ``length``-token sequence walks over."""
+        if self.chain_occurrences <= 0:
+            return self.num_noise
+        n = round(self.haystack_len(length) / self.chain_occurrences)
+        return max(2, min(self.num_noise, n))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,7 +144,12 @@ def make_batch(cfg: TaskConfig, batch: int, length: int, generator: torch.Genera
     values = torch.randint(0, cfg.num_values, (batch, n), **kw) + cfg.value_start
 
     if cfg.haystack == "chain":
-        tokens = markov_chain(batch, length, cfg.num_noise, cfg.chain_prob, generator) + cfg.noise_start
+        states = cfg.chain_states(length)
+        tokens = markov_chain(batch, length, states, cfg.chain_prob, generator)
+        if states < cfg.num_noise:  # this sequence's states: a random subset of the noise tokens
+            subset = torch.rand(batch, cfg.num_noise, **kw).argsort(dim=1)[:, :states]
+            tokens = subset.gather(1, tokens)
+        tokens = tokens + cfg.noise_start
     else:
         tokens = torch.randint(0, cfg.num_noise, (batch, length), **kw) + cfg.noise_start
     tokens[:, 0] = BOS

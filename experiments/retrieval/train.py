@@ -75,6 +75,10 @@ def parse_args(argv=None):
                    help="filler: i.i.d. noise, or an in-context Markov chain (task.py)")
     g.add_argument("--chain-prob", type=float, default=0.8,
                    help="--haystack chain: probability of the chain step (else a jump)")
+    g.add_argument("--chain-occurrences", type=float, default=0.0,
+                   help="--haystack chain: walk over a random subset of about haystack length / "
+                        "this many noise tokens per sequence, so that a token recurs about this "
+                        "often at any length (0: all --num-noise tokens)")
     g.add_argument("--lm-weight", type=float, default=0.0,
                    help="--haystack chain: loss = answer CE + this * the filler's next-token CE "
                         "(0: answers only)")
@@ -123,7 +127,15 @@ def parse_args(argv=None):
     g.add_argument("--warmup-wide-steps", type=int, default=0,
                    help="msa_converted: index-warmup steps after the dense ones, in sparse mode at "
                         "--train-len with K = --warmup-wide-topk (backbone frozen, loss = KL)")
-    g.add_argument("--warmup-wide-topk", type=int, default=64)
+    g.add_argument("--warmup-wide-topk", type=int, default=64,
+                   help="K of those steps; 0: dense mode instead (the KL over every visible "
+                        "token, spec section 6's warmup, through the chunked PyTorch reference "
+                        "where the kernels' K does not cover every block)")
+    g.add_argument("--warmup-wide-tokens", type=int, default=None,
+                   help="tokens per step of those steps (default --tokens-per-step)")
+    g.add_argument("--warmup-time-limit", type=float, default=0,
+                   help="msa_converted: end the index warmup (not the run) after this many "
+                        "seconds (0: no limit)")
     g.add_argument("--index-lr", type=float, default=1e-3, help="msa_converted: index warmup LR")
     g.add_argument("--kl-weight", type=float, default=0.1, help="lambda in CE + lambda * KL")
     g.add_argument("--index-init", default="copy", choices=["copy", "random"],
@@ -153,7 +165,7 @@ def parse_args(argv=None):
 def task_config(a) -> TaskConfig:
     return TaskConfig(num_keys=a.num_keys, num_values=a.num_values, num_noise=a.num_noise,
                       num_pairs=a.num_pairs, num_queries=a.num_queries, haystack=a.haystack,
-                      chain_prob=a.chain_prob)
+                      chain_prob=a.chain_prob, chain_occurrences=a.chain_occurrences)
 
 
 def model_config(a, vocab_size: int) -> ModelConfig:
@@ -432,8 +444,8 @@ def main(argv=None):
             m.mode = mode
         model.train()
 
-    def batch_for(length):
-        return make_batch(tcfg, max(1, a.tokens_per_step // length), length, gen)
+    def batch_for(length, tokens=None):
+        return make_batch(tcfg, max(1, (tokens or a.tokens_per_step) // length), length, gen)
 
     t_start = time.time()
 
@@ -456,18 +468,19 @@ def main(argv=None):
         wsteps = a.warmup_steps + a.warmup_wide_steps
         for step in range(wsteps):
             # stage 1: dense mode at wlen (KL over every visible token); stage 2 (optional):
-            # sparse mode at the training length with a wide K (KL over the K blocks the
-            # index ranks first): the dense KL at 16K has no kernel, and the rank order of
-            # the leading candidates at the long length is what the selection needs
+            # at the training length, either sparse mode with a wide K (the KL over the K
+            # blocks the index ranks first; the Triton kernels' K stops at 64 blocks) or
+            # (--warmup-wide-topk 0) dense mode, the KL over every visible token through the
+            # chunked PyTorch reference: slower, but with no blind spot beyond the K blocks
             wide = step >= a.warmup_steps
             length = a.train_len if wide else wlen
-            set_msa_mode(model, "sparse" if wide else "dense")
+            set_msa_mode(model, "sparse" if wide and a.warmup_wide_topk > 0 else "dense")
             for m in msa_layers(model):
-                m.topk = a.warmup_wide_topk if wide else mcfg.topk
+                m.topk = a.warmup_wide_topk if wide and a.warmup_wide_topk > 0 else mcfg.topk
             lr = lr_at(step, wsteps, a.index_lr, min(a.lr_warmup, wsteps // 4), a.min_lr_frac)
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            batch = batch_for(length)
+            batch = batch_for(length, a.warmup_wide_tokens if wide else None)
             with autocast():
                 loss, correct, count = answer_loss(model, batch)
             kl = kl_loss(model)
@@ -479,6 +492,10 @@ def main(argv=None):
                             force=step in (a.warmup_steps - 1, wsteps - 1))
             if out_of_time():
                 stopped_early = True
+                break
+            if a.warmup_time_limit > 0 and time.time() - t_start > a.warmup_time_limit:
+                print(f"index warmup ended by --warmup-time-limit after {step + 1} steps", flush=True)
+                log.meta["warmup_cut_after_steps"] = step + 1
                 break
             if a.recall_every and (step + 1) % a.recall_every == 0 and step + 1 < wsteps:
                 for m in msa_layers(model):

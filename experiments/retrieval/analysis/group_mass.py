@@ -32,7 +32,7 @@ tok = data['tokens'][0]
 ks, vs, ns = tcfg.key_start, tcfg.value_start, tcfg.noise_start
 ttype = torch.full_like(tok, 4)  # 0 special 1 key 2 value 3 noise
 ttype[tok < ks] = 0; ttype[(tok >= ks) & (tok < vs)] = 1; ttype[(tok >= vs) & (tok < ns)] = 2; ttype[tok >= ns] = 3
-B, K = layers[0].block_size, layers[0].topk
+B, K = layers[0].block_size, (int(sys.argv[3]) if len(sys.argv) > 3 else layers[0].topk)
 pos = torch.arange(L)
 rows = torch.arange(K * B, L, 7)  # qualifying rows sample
 for li, m in enumerate(layers):
@@ -59,7 +59,10 @@ for li, m in enumerate(layers):
             sc.scatter_(-1, local[None, :, None].expand(hkv, -1, 1), float('inf'))
             return sc.topk(K, -1).indices
         res = {}
-        for name, sc in (('max', smax), ('sum', ssum), ('teacher_with_local', mass)):
+        # 'teacher_max': block max of the teacher's own log-probabilities, i.e. what block-max
+        # selection gives with a student that matches the teacher exactly (KL 0)
+        tmax = pt.clamp_min(1e-30).log().masked_fill(~vis, float('-inf')).view(hkv, len(rows), nb, B).amax(-1)
+        for name, sc in (('max', smax), ('sum', ssum), ('teacher_max', tmax), ('teacher_with_local', mass)):
             sel = sel_of(sc)
             res[name] = (mass.gather(-1, sel).sum(-1) / topm).mean().item()
         # mass by token type
@@ -68,7 +71,7 @@ for li, m in enumerate(layers):
         kl = (pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(-1).mean().item()
         # per-head entropy / top-1 block mass
         hm = p.view(hkv, g, len(rows), nb, B).sum(-1)
-        print(f"L{li}: recall max {res['max']:.3f} sum {res['sum']:.3f} teacher-with-local {res['teacher_with_local']:.3f} | KL {kl:.2f} | mass by type " +
+        print(f"L{li}: recall max {res['max']:.3f} sum {res['sum']:.3f} perfect-student-max {res['teacher_max']:.3f} teacher-with-local {res['teacher_with_local']:.3f} | KL {kl:.2f} | mass by type " +
               " ".join(f"{n} {v:.2f}" for n, v in tm.items()) + f" local-block {lm:.2f} | top8 {topm.mean():.2f}")
         # per head: mass on the top-8 blocks of that head alone
         ht = hm.topk(K, -1).values.sum(-1).mean(-1)
