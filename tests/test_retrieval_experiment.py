@@ -396,7 +396,8 @@ def test_every_variant_end_to_end(tmp_path):
     # the long warmup stage in dense mode (the KL over every visible token), on half the
     # tokens per step; and a warmup cut by --warmup-time-limit, after which the run goes on
     for name, extra in (("conv_dense_long", ["--warmup-time-limit", "0"]),
-                        ("conv_cut", ["--warmup-time-limit", "1e-9"])):
+                        ("conv_cut", ["--warmup-time-limit", "1e-9"]),
+                        ("conv_long_only", ["--warmup-steps", "0"])):
         train.main(TOY + ["--variant", "msa_converted", "--out", str(runs / name),
                           "--init", str(runs / "dense"), "--steps", "2", "--warmup-steps", "1",
                           "--warmup-wide-steps", "2", "--warmup-wide-topk", "0",
@@ -408,7 +409,10 @@ def test_every_variant_end_to_end(tmp_path):
     log = json.loads((runs / "conv_cut" / "log.json").read_text())
     assert log["warmup_cut_after_steps"] == 1 and not log["stopped_early"]
     assert [r["phase"] for r in log["train"]] == ["index_warmup", "sparse", "sparse"]
-    for name in ("conv_dense_long", "conv_cut"):
+    # the long stage alone (no short dense stage): still a warmup, then sparse training
+    log = json.loads((runs / "conv_long_only" / "log.json").read_text())
+    assert [r["phase"] for r in log["train"]] == ["index_warmup_wide"] * 2 + ["sparse"] * 2
+    for name in ("conv_dense_long", "conv_cut", "conv_long_only"):
         shutil.rmtree(runs / name)
 
     evaluate.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]

@@ -455,7 +455,7 @@ def main(argv=None):
     stopped_early = False
     step_base = 0
     # --- msa_converted: index warmup (dense mode, backbone frozen, loss = KL) ------------
-    if a.variant == "msa_converted" and a.warmup_steps > 0:
+    if a.variant == "msa_converted" and a.warmup_steps + a.warmup_wide_steps > 0:
         set_msa_mode(model, "sparse")
         validate(0, "converted_before_warmup")  # the converted model with an untrained index
         track_recall(0, "index_warmup", a.recall_contexts[:1])
