@@ -26,7 +26,9 @@
 #   --pack DIR       DIR/<variant>.tgz as soon as a run is evaluated (its JSON + logs; model.pt
 #                    too with --pack-ckpt), DIR/report.tgz after the plots: few files, for a
 #                    machine that returns at most 8 files per call, and what is done is packed
-#                    even if the call is cut short
+#                    even if the call is cut short. A tarball over 15 MiB (a checkpoint of the
+#                    2048-token filler vocabulary is ~17 MB) is split into VARIANT.tgz.partNN
+#                    (the device returns files of <= 16 MiB): cat VARIANT.tgz.part* > VARIANT.tgz
 #
 # GPU-time estimate (the fourth run, one H100 per run: nvidia-h100-x4, one lane per GPU, as in
 # results/h100_run4_occ8/calls/): dense 130 s + 25 s evaluation, converted 130-150 s + 40 s,
@@ -47,7 +49,7 @@ else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,38p' "$0"; exit 2; }
+[[ $# -ge 1 && "$1" != -* ]] || { sed -n '2,40p' "$0"; exit 2; }
 OUT="$1"; shift
 SMOKE=0; ONLY="dense,window,msa_native,msa_converted,plot"; LANES=1; SCALE=1; TIME_LIMIT=300
 ONE_GPU=0; IID=0; OCC=8
@@ -150,6 +152,9 @@ pack() {  # pack VARIANT: its small files (and model.pt with --pack-ckpt) into $
     mkdir -p "$PACK"
     local ex=(); [[ $PACK_CKPT == 1 ]] || ex=(--exclude "$1/model.pt")
     tar czf "$PACK/$1.tgz" -C "$OUT" "${ex[@]}" "$1"
+    if [[ $(stat -c %s "$PACK/$1.tgz") -gt $((15 * 1024 * 1024)) ]]; then
+        split -b 15m -d "$PACK/$1.tgz" "$PACK/$1.tgz.part" && rm "$PACK/$1.tgz"
+    fi
 }
 
 run() {  # run VARIANT [train.py args...]: train, evaluate, pack; logs next to the run
