@@ -188,15 +188,17 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
         top_mass = (mass * top_mask).sum(-1)
         sel_mass = (mass * sel_mask).sum(-1)
         is_local = torch.arange(nbk, device=q.device)[None, :] == local[:, None]     # [R, nbk]
-        others = mass.masked_fill(~blocks_visible | is_local, -1.0)
-        best_others = others.topk(min(topk - 1, nbk), dim=-1).values.clamp_min(0).sum(-1)
-        oracle_mass = (mass * is_local).sum(-1) + best_others
-        # block max of the teacher itself: what the spec's block-max selection reaches with
-        # an index whose distribution equals the teacher's (KL 0), local block kept
-        peak = p.view(hkv, r1 - r0, nbk, block_size).amax(-1).masked_fill(~blocks_visible | is_local, -1.0)
-        peak_pick = peak.topk(min(topk - 1, nbk), dim=-1).indices
-        student_mass = (mass * is_local).sum(-1) + (mass.gather(-1, peak_pick)
-                                                     * (peak.gather(-1, peak_pick) >= 0)).sum(-1)
+
+        def kept_mass(score):  # mass of the local block + the K - 1 others ranked first by score
+            ranked = score.masked_fill(~blocks_visible | is_local, float("-inf"))
+            best = ranked.topk(min(topk - 1, nbk), dim=-1)
+            return (mass * is_local).sum(-1) + (mass.gather(-1, best.indices)
+                                                * best.values.isfinite()).sum(-1)
+
+        oracle_mass = kept_mass(mass)
+        # ranked by the teacher's own block max: what the spec's block-max selection reaches
+        # with an index whose distribution equals the teacher's (KL 0)
+        student_mass = kept_mass(p.view(hkv, r1 - r0, nbk, block_size).amax(-1))
         qualify = (local + 1 > topk)[None].expand(hkv, -1)
         vals = dict(block_recall=(sel_mask & top_mask).sum(-1).float() / topk,
                     mass_recall=sel_mass / top_mass.clamp_min(1e-30),

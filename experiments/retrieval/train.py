@@ -473,10 +473,11 @@ def main(argv=None):
             # (--warmup-wide-topk 0) dense mode, the KL over every visible token through the
             # chunked PyTorch reference: slower, but with no blind spot beyond the K blocks
             wide = step >= a.warmup_steps
+            wide_sparse = wide and a.warmup_wide_topk > 0
             length = a.train_len if wide else wlen
-            set_msa_mode(model, "sparse" if wide and a.warmup_wide_topk > 0 else "dense")
+            set_msa_mode(model, "sparse" if wide_sparse else "dense")
             for m in msa_layers(model):
-                m.topk = a.warmup_wide_topk if wide and a.warmup_wide_topk > 0 else mcfg.topk
+                m.topk = a.warmup_wide_topk if wide_sparse else mcfg.topk
             lr = lr_at(step, wsteps, a.index_lr, min(a.lr_warmup, wsteps // 4), a.min_lr_frac)
             for grp in opt.param_groups:
                 grp["lr"] = lr
