@@ -46,9 +46,9 @@ TINY_TASK = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, 
 
 
 def tiny_model(attn="dense", **kw):
-    return M.ModelConfig(vocab_size=TINY_TASK.vocab_size, hidden=32, layers=2, heads=4, kv_heads=2,
-                         head_dim=16, mlp_hidden=32, rotary_dim=8, index_head_dim=16, block_size=8,
-                         topk=2, attn=attn, **kw)
+    kw = dict(dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_hidden=32,
+                   rotary_dim=8, index_head_dim=16, block_size=8, topk=2), **kw)
+    return M.ModelConfig(vocab_size=TINY_TASK.vocab_size, attn=attn, **kw)
 
 
 # --- task -------------------------------------------------------------------------------
@@ -241,6 +241,31 @@ def test_conversion_preserves_the_dense_function():
     # logits at chosen positions only
     pos = torch.tensor([[3, 7], [0, 39]])
     torch.testing.assert_close(dense(tok, positions=pos), ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1])))
+
+
+def test_copy_init_into_a_wider_index_head_scores_as_the_plain_copy():
+    # Di = 2D: the first D channels hold the copy (query scaled for the Di^-0.5 scale), the
+    # spare query rows are zero, so the dense-mode KL and the sparse selection are those of
+    # Di = D; the spare key rows are left random, for the warmup to use.
+    torch.manual_seed(1)
+    dense = M.Decoder(tiny_model())
+    with torch.no_grad():  # peaked attention, so that a wrong index scale shows in the KL
+        for m in dense.modules():
+            if isinstance(m, M.GQAAttention):
+                m.q_proj.weight.mul_(4), m.k_proj.weight.mul_(4)
+    tok = torch.randint(0, TINY_TASK.vocab_size, (2, 40))
+    narrow = M.convert_dense_to_msa(dense, tiny_model("msa"), index_init="copy")
+    wide = M.convert_dense_to_msa(dense, tiny_model("msa", index_head_dim=32), index_init="copy")
+    for mode in ("dense", "sparse"):
+        M.set_msa_mode(narrow, mode), M.set_msa_mode(wide, mode)
+        torch.testing.assert_close(wide(tok), narrow(tok), atol=1e-5, rtol=1e-5)
+        assert M.kl_loss(narrow) > 1e-3
+        torch.testing.assert_close(M.kl_loss(wide), M.kl_loss(narrow), atol=0, rtol=1e-4)
+    lay = M.msa_layers(wide)[0]
+    assert lay.qi_proj.weight.view(2, 32, -1)[:, 16:].abs().max() == 0
+    assert lay.ki_proj.weight[16:].abs().min() > 0
+    with pytest.raises(ValueError, match="index_head_dim >= head_dim"):
+        M.convert_dense_to_msa(dense, tiny_model("msa", index_head_dim=8), index_init="copy")
 
 
 # --- recall metric -------------------------------------------------------------------------

@@ -245,7 +245,13 @@ def convert_dense_to_msa(dense: Decoder, cfg: ModelConfig, index_init: str = "co
     """An MSA model (``cfg.attn == "msa"``) with the dense model's weights: every parameter
     but the index projections is copied; these start either as a copy of the group-mean
     query / mean key projections ("copy": the index then scores like the averaged main
-    attention, a warm start for the warmup) or at random ("random")."""
+    attention, a warm start for the warmup) or at random ("random").
+
+    "copy" with an index head wider than the main heads (index_head_dim = Di > D) fills the
+    first D channels of each index head (the RoPE channels are the first rotary_dim in both,
+    so positions line up) and leaves Di - D spare channels: their query rows start at zero,
+    so the index scores start exactly as with Di = D, and the warmup may use them. The query
+    copy is scaled by (Di / D)^0.5 because the index scale is Di^-0.5, the main one D^-0.5."""
     if cfg.attn != "msa":
         raise ValueError("convert_dense_to_msa needs an MSA config")
     msa = Decoder(cfg).to(next(dense.parameters()).device)
@@ -254,13 +260,16 @@ def convert_dense_to_msa(dense: Decoder, cfg: ModelConfig, index_init: str = "co
     if unexpected or set(missing) - index_names:
         raise ValueError(f"checkpoint does not match: missing {missing}, unexpected {unexpected}")
     if index_init == "copy":
-        if cfg.index_head_dim != cfg.head_dim:
-            raise ValueError("index_init='copy' needs index_head_dim == head_dim")
-        g, hkv, d = cfg.heads // cfg.kv_heads, cfg.kv_heads, cfg.head_dim
+        if cfg.index_head_dim < cfg.head_dim:
+            raise ValueError("index_init='copy' needs index_head_dim >= head_dim, got "
+                             f"{cfg.index_head_dim} < {cfg.head_dim}")
+        g, hkv, d, di = cfg.heads // cfg.kv_heads, cfg.kv_heads, cfg.head_dim, cfg.index_head_dim
         with torch.no_grad():
             for m in msa_layers(msa):
-                m.qi_proj.weight.copy_(m.q_proj.weight.view(hkv, g, d, -1).mean(1).reshape(hkv * d, -1))
-                m.ki_proj.weight.copy_(m.k_proj.weight.view(hkv, d, -1).mean(0))
+                qi = m.qi_proj.weight.view(hkv, di, -1)
+                qi.zero_()
+                qi[:, :d].copy_(m.q_proj.weight.view(hkv, g, d, -1).mean(1) * (di / d) ** 0.5)
+                m.ki_proj.weight[:d].copy_(m.k_proj.weight.view(hkv, d, -1).mean(0))
     elif index_init != "random":
         raise ValueError(f"index_init must be 'copy' or 'random', got {index_init!r}")
     return msa
