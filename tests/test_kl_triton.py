@@ -191,10 +191,55 @@ def test_no_grad_and_partial_grad():
     assert rel(b.grad, b_ref.grad) <= 1e-5
 
 
-def test_dense_indices_none_uses_reference():
-    gen = torch.Generator().manual_seed(10)
-    q, k, qi, ki, cu_q, cu_k = make([20, 5], [30, 5], 4, 2, 32, 32, torch.float32, gen)
-    check(q, k, qi, ki, None, cu_q, cu_k, 1e-6, 1e-6, block_size=16)
+DENSE_CASES = [
+    # lens_q, lens_k, hq, hkv, d, di, block, chunk (blocks per kernel call), dtype
+    ([20, 5], [30, 5], 4, 2, 32, 32, 16, 64, torch.float32),  # one chunk
+    ([70, 1, 0, 33], [100, 16, 5, 33], 4, 2, 32, 32, 16, 2, torch.float32),  # 4 chunks, varlen, Lq<Lk
+    ([64], [96], 8, 2, 32, 64, 16, 4, torch.float16),  # G = 4, Di != D, exact block multiple
+    ([30, 7], [50, 20], 6, 2, 32, 32, 16, 1, torch.float32),  # G = 3, one block per chunk
+    ([40], [40], 16, 4, 32, 32, 32, 1, torch.float16),  # block 32, a sequence shorter than a chunk set
+]
+
+
+@pytest.mark.parametrize("case", range(len(DENSE_CASES)))
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_dense_warmup_kl_in_chunks_matches_reference(case, pass_lse, monkeypatch):
+    """topk_indices=None (T = every visible token) runs the sparse kernels over chunks of
+    blocks with the normalisers of all visible tokens; chunks of 1-4 blocks here so that
+    small shapes take several (the GPU runs chunks of 64)."""
+    from openmsa.ops.kl import dense
+    lens_q, lens_k, hq, hkv, d, di, block, chunk, dtype = DENSE_CASES[case]
+    monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", chunk)
+    gen = torch.Generator().manual_seed(400 + case)
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, di, dtype, gen)
+    q = q * 2.0  # a peakier teacher than unit-scale random data
+    kw = dict(block_size=block, coeff=0.5 + case)
+    if pass_lse:  # the dense normalisers, as the reference computes them
+        _, kw["lse"] = openmsa.sparse_attention(q, k, k, None, cu_q, cu_k, block_size=block,
+                                                backend="reference")
+        kw["index_lse"] = _dense_index_lse(qi, ki, lens_q, lens_k)
+    check(q, k, qi, ki, None, cu_q, cu_k, *_tols(dtype), **kw)
+
+
+def _dense_index_lse(qi, ki, lens_q, lens_k):
+    """[Hkv, total_q] logsumexp of the index scores over each row's visible keys."""
+    out, q0, k0 = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        z = torch.einsum("tgd,jd->gtj", qi[q0:q0 + lq].float(), ki[k0:k0 + lk, 0].float())
+        z = z * qi.shape[2] ** -0.5
+        vis = torch.arange(lk)[None, :] <= (lk - lq + torch.arange(lq))[:, None]
+        out.append(torch.logsumexp(z.masked_fill(~vis, float("-inf")), -1))
+        q0, k0 = q0 + lq, k0 + lk
+    return torch.cat(out, 1)
+
+
+def test_dense_warmup_kl_chunk_indices():
+    """Row t of chunk [c0, c0 + n) lists c0 .. min(c0 + n, local + 1) - 1, then -1."""
+    from openmsa.ops.kl.dense import dense_chunk_indices
+    pos = torch.tensor([0, 15, 16, 47, 100], dtype=torch.int32)
+    idx = dense_chunk_indices(pos, 2, 16, 2, 3)
+    assert idx.shape == (2, 5, 3) and torch.equal(idx[0], idx[1])
+    assert idx[0].tolist() == [[-1, -1, -1], [-1, -1, -1], [-1, -1, -1], [2, -1, -1], [2, 3, 4]]
 
 
 def test_batched_layout():
@@ -242,3 +287,17 @@ def test_gpu_realistic_bf16(lens_q, lens_k, pass_lse):
     got = check(q, k, qi, ki, idx, cu_q, cu_k, 1e-4, 1e-2, **kw)
     again = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "triton", **kw)
     assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lens_q,lens_k,hq,hkv,d,b", [([16384], [16384], 8, 2, 64, 64),
+                                                      ([8192], [8192], 64, 4, 128, 128),
+                                                      ([3000, 77, 5000], [9000, 77, 5000], 64, 4, 128, 128)])
+def test_gpu_dense_warmup_kl_bf16(lens_q, lens_k, hq, hkv, d, b):
+    """The dense KL through the kernels (several chunks of 64 blocks) against the reference;
+    bf16 tolerances as in test_gpu_realistic_bf16."""
+    gen = torch.Generator().manual_seed(sum(lens_k))
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, d, torch.bfloat16, gen)
+    check(q * 3.0, k, qi, ki, None, cu_q, cu_k, 1e-4, 1e-2, block_size=b, coeff=0.1)
+

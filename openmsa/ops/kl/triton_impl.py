@@ -19,8 +19,8 @@ Query rows are processed in chunks (at most 65536 rows) so that the per-entry pa
 (P_T [B] float32, a [Di] float32 dqi partial and the KL per (row, group, slot)) stay within
 ``OPENMSA_PARTIAL_BYTES`` (the sparse attention's scratch budget, read by the same
 function). Chunk sizes depend only on shapes: the
-launcher never reads device values on the host (no synchronisation), except for
-``topk_indices=None`` (below).
+launcher never reads device values on the host (no synchronisation), also for
+``topk_indices=None``, the dense warmup KL (``dense.py``: the same kernels, chunk by chunk).
 
 Memory kept for the backward: dqi float32 [total_q, Hkv, Di] and dki float32
 [total_k, Di] (2.5 GB at 1M tokens with Hkv = 4, Di = 128); none when neither qi nor ki
@@ -43,8 +43,8 @@ from ..attention.schedule import build_schedule, row_info
 from ..attention.triton_impl import sparse_attention_forward
 from ..attention.triton_impl import _partial_bytes
 from ..indexer.lse import index_lse_kv_outer
+from .dense import dense_kl_forward
 from .kernels import LOG2E, dqi_reduce_kernel, kl_student_kernel, kl_teacher_kernel
-from .reference import indexer_kl_reference
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -93,7 +93,7 @@ def _check_supported(q, qi, topk_indices, block_size):
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name}: the Triton indexer KL loss supports bfloat16, float16 and "
                             f"float32, got {x.dtype} (use backend='reference')")
-    if not 1 <= topk_indices.shape[2] <= MAX_TOPK:
+    if topk_indices is not None and not 1 <= topk_indices.shape[2] <= MAX_TOPK:
         raise ValueError(f"topk_indices: the Triton indexer KL loss supports topk in "
                          f"[1, {MAX_TOPK}], got {topk_indices.shape[2]} (use backend='reference')")
 
@@ -177,8 +177,12 @@ class IndexerKLTriton(torch.autograd.Function):
     def forward(ctx, q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,
                 lse, index_lse):
         with_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-        loss, dqi, dki = indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale,
-                                            scale_i, coeff, lse, index_lse, with_grad)
+        if topk_indices is None:  # dense warmup KL: the same kernels, chunk by chunk (dense.py)
+            loss, dqi, dki = dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i,
+                                              coeff, lse, index_lse, with_grad, indexer_kl_forward)
+        else:
+            loss, dqi, dki = indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size,
+                                                scale, scale_i, coeff, lse, index_lse, with_grad)
         if with_grad:
             ctx.save_for_backward(dqi, dki)
         ctx.shapes = (qi.dtype, ki.dtype, ki.shape)
@@ -195,17 +199,13 @@ class IndexerKLTriton(torch.autograd.Function):
 
 def indexer_kl_loss_triton(q, k, qi, ki, topk_indices, varlen, *, block_size, scale, scale_i,
                            coeff, lse, index_lse):
-    """Sparse KL of spec section 6: float32 0-d loss, differentiable w.r.t. qi and ki only."""
-    if topk_indices is None:
-        # Dense warmup KL (T = all visible tokens): no Triton kernel; the PyTorch reference
-        # runs instead. It needs the sequence lengths on the host (varlen.host()), i.e. a
-        # device->host synchronisation on CUDA.
-        varlen = varlen.host()
-        return indexer_kl_reference(q, k, qi, ki, None, varlen.cu_q, varlen.cu_k,
-                                    block_size=block_size, scale=scale, scale_i=scale_i,
-                                    coeff=coeff, lse=lse, index_lse=index_lse)
+    """Sparse KL of spec section 6: float32 0-d loss, differentiable w.r.t. qi and ki only.
+    ``topk_indices=None``: the dense warmup KL (T = every visible token), through the same
+    kernels a chunk of blocks at a time (dense.py)."""
     _check_supported(q, qi, topk_indices, block_size)
     q, k, qi, ki = (_last_dim_contiguous(x.detach() if i < 2 else x)
                     for i, x in enumerate((q, k, qi, ki)))
-    return IndexerKLTriton.apply(q, k, qi, ki, topk_indices.contiguous(), varlen, block_size,
+    if topk_indices is not None:
+        topk_indices = topk_indices.contiguous()
+    return IndexerKLTriton.apply(q, k, qi, ki, topk_indices, varlen, block_size,
                                  scale, scale_i, coeff, lse, index_lse)
