@@ -42,9 +42,10 @@ def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_di
 
     With that K every query selects all of its visible blocks, so sparse mode *is* dense
     attention with the dense KL (spec section 6, warmup), exactly; dense mode then runs
-    through the Triton kernels instead of the PyTorch dense-KL reference (openmsa has no
-    dense KL kernel), as long as the blocks fit the kernels' K (64: 4K tokens at B = 64,
-    8K at B = 128)."""
+    all of it through the sparse kernels in one call, as long as the blocks fit the
+    kernels' K (64: 4K tokens at B = 64, 8K at B = 128). Beyond, the Main Branch runs on
+    torch SDPA and the dense KL through the same KL kernels a chunk of 64 blocks at a time
+    (``openmsa.ops.kl.dense``)."""
     if any(resolve(op, backend, device) != "triton"
            for op in ("indexer_topk", "sparse_attention", "indexer_kl_loss")):
         return None
@@ -197,8 +198,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=kall, backend=self.backend)
         elif x_in.dim() == 3 and cu_seqlens is None and self.backend != "reference":
-            # dense mode on equal-length sequences (the dense KL, reference, then computes
-            # the teacher's LSE itself)
+            # dense mode on equal-length sequences: SDPA gives no LSE, so the dense KL
+            # computes the teacher's normaliser itself
             b, n = x_in.shape[:2]
             o = dense_causal_gqa(*(y.view(b, n, -1, d) for y in (q, k, v))).reshape(t, hq, d)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, backend=self.backend)
