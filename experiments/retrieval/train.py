@@ -28,8 +28,9 @@ Writes to --out: config.json (everything needed to rebuild the model), log.json 
 curve: train CE / KL / answer accuracy every --log-every steps, validation accuracy every
 --val-every steps; rewritten at every log step so that a killed run leaves its curve), and
 model.pt (the final weights). Host syncs: only at log / validation steps (the metrics are
-accumulated on the device in between); note that MSA "dense" mode runs openmsa's PyTorch
-reference, which reads cu_seqlens on the host at every call.
+accumulated on the device in between). MSA "dense" mode runs on the Triton kernels on a GPU
+(up to 64 blocks all three stages; beyond, torch SDPA and the dense KL through the KL kernels
+64 blocks at a time); on a CPU on openmsa's PyTorch reference (--ref-chunk-mb: its chunk size).
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def parse_args(argv=None):
                         "--train-len with K = --warmup-wide-topk (backbone frozen, loss = KL)")
     g.add_argument("--warmup-wide-topk", type=int, default=64,
                    help="K of those steps; 0: dense mode instead (the KL over every visible "
-                        "token, spec section 6's warmup, through the chunked PyTorch reference "
-                        "where the kernels' K does not cover every block)")
+                        "token, spec section 6's warmup; on a GPU through the KL kernels, "
+                        "64 blocks at a time)")
     g.add_argument("--warmup-wide-tokens", type=int, default=None,
                    help="tokens per step of those steps (default --tokens-per-step)")
     g.add_argument("--warmup-time-limit", type=float, default=0,
@@ -470,8 +471,8 @@ def main(argv=None):
             # stage 1: dense mode at wlen (KL over every visible token); stage 2 (optional):
             # at the training length, either sparse mode with a wide K (the KL over the K
             # blocks the index ranks first; the Triton kernels' K stops at 64 blocks) or
-            # (--warmup-wide-topk 0) dense mode, the KL over every visible token through the
-            # chunked PyTorch reference: slower, but with no blind spot beyond the K blocks
+            # (--warmup-wide-topk 0) dense mode, the KL over every visible token (the KL
+            # kernels 64 blocks at a time): slower, but with no blind spot beyond the K blocks
             wide = step >= a.warmup_steps
             wide_sparse = wide and a.warmup_wide_topk > 0
             length = a.train_len if wide else wlen
