@@ -597,10 +597,12 @@ def test_dense_mode_through_the_kernels_equals_the_reference_path(seqlen, monkey
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("seqlen,block", [(4096, 64), (8192, 128), (1000, 64)])
+@pytest.mark.parametrize("seqlen,block", [(4096, 64), (8192, 128), (1000, 64), (16384, 64), (9000, 128)])
 def test_gpu_dense_mode_through_the_kernels(seqlen, block):
-    """On the GPU, in bf16, at K = 64 blocks (the most the kernels take): dense mode through
-    the kernels against the reference path (float32 layer on the same inputs)."""
+    """On the GPU, in bf16: dense mode through the kernels against the reference path (float32
+    layer on the same inputs). Up to 64 blocks (the most the kernels' K takes) all three
+    stages run as sparse mode with K = every block; beyond (16384 / 64: 256 blocks; 9000 /
+    128: 71, a partial last chunk), torch SDPA and the dense KL kernels 64 blocks at a time."""
     import copy
     torch.manual_seed(7)
     m = MSAttention(256, 8, 2, 64, index_head_dim=64, block_size=block, topk=8, qk_norm=True,
