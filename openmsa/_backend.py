@@ -21,6 +21,7 @@ import torch
 _TRITON_IMPLS = {
     "indexer_topk": "openmsa.ops.indexer.triton_impl:indexer_topk_triton",
     "sparse_attention": "openmsa.ops.attention.triton_impl:sparse_attention_triton",
+    "dense_attention": "openmsa.ops.attention.triton_impl:dense_attention_triton",
     "indexer_kl_loss": "openmsa.ops.kl.triton_impl:indexer_kl_loss_triton",
 }
 

@@ -207,7 +207,7 @@ def test_dense_warmup_kl_in_chunks_matches_reference(case, pass_lse, monkeypatch
     """topk_indices=None (T = every visible token) runs the sparse kernels over chunks of
     blocks with the normalisers of all visible tokens; chunks of 1-4 blocks here so that
     small shapes take several (the GPU runs chunks of 64)."""
-    from openmsa.ops.kl import dense
+    from openmsa.ops.attention import dense
     lens_q, lens_k, hq, hkv, d, di, block, chunk, dtype = DENSE_CASES[case]
     monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", chunk)
     gen = torch.Generator().manual_seed(400 + case)
@@ -231,15 +231,6 @@ def _dense_index_lse(qi, ki, lens_q, lens_k):
         out.append(torch.logsumexp(z.masked_fill(~vis, float("-inf")), -1))
         q0, k0 = q0 + lq, k0 + lk
     return torch.cat(out, 1)
-
-
-def test_dense_warmup_kl_chunk_indices():
-    """Row t of chunk [c0, c0 + n) lists c0 .. min(c0 + n, local + 1) - 1, then -1."""
-    from openmsa.ops.kl.dense import dense_chunk_indices
-    pos = torch.tensor([0, 15, 16, 47, 100], dtype=torch.int32)
-    idx = dense_chunk_indices(pos, 2, 16, 2, 3)
-    assert idx.shape == (2, 5, 3) and torch.equal(idx[0], idx[1])
-    assert idx[0].tolist() == [[-1, -1, -1], [-1, -1, -1], [-1, -1, -1], [2, -1, -1], [2, 3, 4]]
 
 
 def test_batched_layout():

@@ -203,7 +203,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
             b, n = x_in.shape[:2]
             o = dense_causal_gqa(*(y.view(b, n, -1, d) for y in (q, k, v))).reshape(t, hq, d)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, backend=self.backend)
-        else:
+        else:  # varlen packs: the sparse kernels over chunks of blocks (ops/attention/dense.py)
             o, lse = sparse_attention(q, k, v, None, cu, cu, backend=self.backend)
             kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, lse=lse,
                                  backend=self.backend)

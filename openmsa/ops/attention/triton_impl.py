@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 
+from .dense import dense_attention_backward, dense_attention_forward
 from .kernels import (
     LOG2E, combine_kernel, dq_reduce_kernel, softmax_delta_kernel, sparse_bwd_kernel,
     sparse_fwd_tile_kernel,
@@ -216,6 +217,36 @@ class SparseAttentionTriton(torch.autograd.Function):
         dq, dk, dv = sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen,
                                                block_size, scale)
         return dq, dk, dv, None, None, None, None
+
+
+class DenseAttentionTriton(torch.autograd.Function):
+    """Dense causal attention through the same kernels, a chunk of blocks at a time (dense.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, varlen, block_size, scale):
+        out, lse = dense_attention_forward(q, k, v, varlen, block_size, scale,
+                                           sparse_attention_forward)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (varlen, block_size, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        varlen, block_size, scale = ctx.args
+        dq, dk, dv = dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale,
+                                              sparse_attention_backward)
+        return dq, dk, dv, None, None, None
+
+
+def dense_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):
+    """``sparse_attention(..., topk_indices=None)``: every visible token (spec section 6 warmup)."""
+    if topk_indices is not None:
+        raise ValueError("dense_attention_triton takes topk_indices=None")
+    _check_supported(q, block_size)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return DenseAttentionTriton.apply(q, k, v, varlen, block_size, scale)
 
 
 def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):

@@ -8,18 +8,16 @@ visible tokens. The sparse kernels (``triton_impl.indexer_kl_forward``) compute 
 those per-block terms and gradients for any list of blocks, given the two normalisers
 (``lse``, ``index_lse``). So the dense KL is:
 
-1. the normalisers over every visible block: per chunk of ``DENSE_CHUNK_BLOCKS`` local
-   block ids (the kernels take at most ``MAX_TOPK`` blocks per row), the teacher's LSE by
-   the sparse attention forward and the index LSE by the KV-outer selected-LSE pass,
+1. the normalisers over every visible block: per chunk of 64 local block ids (the chunks
+   of ``openmsa.ops.attention.dense``: the kernels take at most 64 blocks per row), the
+   teacher's LSE by the sparse attention forward and the index LSE by the KV-outer pass,
    merged with logaddexp (a row whose chunk holds no visible block gives -inf, the
    neutral element);
 2. the sparse KL pass per chunk with those normalisers, losses and gradients summed.
 
-Each chunk's indices are built on the device from the rows' causal positions (block ids
-``c0 .. c0 + chunk - 1`` up to the row's local block, -1 after), with the number of
-chunks bounded on the host by total_k / B: no host synchronisation (the PyTorch reference
-this replaces read the sequence lengths on the host). Packs of many short sequences get
-chunks that are empty for every row; those launch programs that find no work.
+The chunks are those of the dense attention (built on the device, bounded on the host by
+total_k / B): no host synchronisation (the PyTorch reference this replaces read the
+sequence lengths on the host).
 
 Cost: the teacher LSE pass runs the attention forward with v = k and throws the output
 away (the sparse attention kernels have no LSE-only mode), so the dense KL costs about two
@@ -31,46 +29,24 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.schedule import row_info
+from ..attention.dense import dense_chunks
 from ..attention.triton_impl import sparse_attention_forward
 from ..indexer.lse import index_lse_kv_outer
-
-# Local block ids per chunk; tests lower it to run several chunks at small shapes.
-DENSE_CHUNK_BLOCKS = 64
-
-
-def dense_chunk_indices(pos: torch.Tensor, hkv: int, block_size: int, first_block: int,
-                        num_blocks: int) -> torch.Tensor:
-    """int32 [Hkv, total_q, num_blocks]: the local block ids first_block ..
-    first_block + num_blocks - 1 that row t sees (id <= pos[t] // B), -1 for the others
-    (the valid ids form a prefix)."""
-    ids = torch.arange(first_block, first_block + num_blocks, dtype=torch.int32, device=pos.device)
-    local = (pos // block_size).to(torch.int32)
-    idx = torch.where(ids[None, :] <= local[:, None], ids[None, :], -1)
-    return idx[None].expand(hkv, -1, -1).contiguous()
-
-
-def _chunks(total_k: int, block_size: int):
-    nblocks = -(-total_k // block_size)  # >= the block count of every sequence
-    step = DENSE_CHUNK_BLOCKS
-    return [(c0, min(step, nblocks - c0)) for c0 in range(0, nblocks, step)]
 
 
 def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, lse, index_lse,
                      with_grad, kl_forward):
     """Like ``indexer_kl_forward`` with T = every visible token: (loss, dqi, dki).
     ``kl_forward`` is ``triton_impl.indexer_kl_forward`` (passed in: no import cycle)."""
-    total_q, hkv, total_k = q.shape[0], k.shape[1], k.shape[0]
+    total_q, total_k = q.shape[0], k.shape[0]
     dev = q.device
     if total_q == 0 or total_k == 0:
         return (torch.zeros((), dtype=torch.float32, device=dev),
                 torch.zeros(qi.shape, dtype=torch.float32, device=dev) if with_grad else None,
                 torch.zeros((total_k, ki.shape[2]), dtype=torch.float32, device=dev) if with_grad else None)
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
 
     def each_chunk():
-        for c0, n in _chunks(total_k, block_size):
-            yield dense_chunk_indices(info.pos, hkv, block_size, c0, n)
+        return dense_chunks(q, k, varlen, block_size)
 
     def merged(lse_of):  # logaddexp over the chunks (-inf: the chunk has no visible key)
         out = None
