@@ -12,7 +12,8 @@ c0 + n - 1 up to the row's local block, -1 after). Then, as in split-KV decoding
 * backward: the sparse backward of each chunk, run with the *merged* out and lse, is the
   dense backward restricted to that chunk's keys (P = exp(s - lse) is the softmax over all
   visible keys; the correction rowsum(dO * O) uses the merged O). dk and dv of a key come
-  from the one chunk that holds its block; dq is the float32 sum of the chunks' dq.
+  from the one chunk that holds its block; dq is the float32 sum of the chunks' dq. (Each
+  chunk's backward recomputes rowsum(dO * O), O(T * H * D): small next to its attention.)
 
 Chunk indices are built on the device from the rows' causal positions and the number of
 chunks is bounded on the host by total_k / B: no host synchronisation (the PyTorch

@@ -45,12 +45,9 @@ def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, ls
                 torch.zeros(qi.shape, dtype=torch.float32, device=dev) if with_grad else None,
                 torch.zeros((total_k, ki.shape[2]), dtype=torch.float32, device=dev) if with_grad else None)
 
-    def each_chunk():
-        return dense_chunks(q, k, varlen, block_size)
-
     def merged(lse_of):  # logaddexp over the chunks (-inf: the chunk has no visible key)
         out = None
-        for idx in each_chunk():
+        for idx in dense_chunks(q, k, varlen, block_size):
             part = lse_of(idx)
             out = part if out is None else torch.logaddexp(out, part)
         return out
@@ -61,7 +58,7 @@ def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, ls
         index_lse = merged(lambda idx: index_lse_kv_outer(qi, ki, idx, varlen, block_size=block_size,
                                                           scale=scale_i))
     total = dqi = dki = None
-    for idx in each_chunk():
+    for idx in dense_chunks(q, k, varlen, block_size):
         loss, dq, dk = kl_forward(q, k, qi, ki, idx, varlen, block_size, scale, scale_i, coeff,
                                   lse, index_lse, with_grad)
         total = loss if total is None else total + loss
