@@ -4,6 +4,7 @@ Public API (spec ``MSA.md`` section 10): :func:`indexer_topk`, :func:`sparse_att
 :func:`indexer_kl_loss`, :func:`msa_attention`, and the :class:`MSAttention` layer.
 """
 
+from ._validation import set_value_checks, value_checks
 from .api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
 from .layers import MSAttention, collect_kl_losses
 
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "indexer_topk", "sparse_attention", "indexer_kl_loss", "msa_attention",
-    "MSAttention", "collect_kl_losses", "__version__",
+    "MSAttention", "collect_kl_losses", "value_checks", "set_value_checks", "__version__",
 ]

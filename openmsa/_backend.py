@@ -47,10 +47,29 @@ def _load(path: str, device: torch.device):
     return getattr(importlib.import_module(module_name), fn)
 
 
+# Outputs that have the inputs' floating dtype (the rest are float32 / int32 by contract).
+_OUTPUTS_LIKE_INPUTS = {"sparse_attention": (0,), "dense_attention": (0,)}
+
+
+def _upcast_bf16(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+
 def _lazy(op: str, path: str):
     def run(*args, **kwargs):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        return _load(path, device)(*args, **kwargs)
+        fn = _load(path, device)
+        if device.type == "cpu" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
+                                        for a in (*args, *kwargs.values())):
+            # Triton's interpreter computes bfloat16 dots wrongly; bfloat16 -> float32 is
+            # exact, so the interpreter runs the float32 kernels and casts the outputs back
+            # (the casts are differentiable: gradients come back in bfloat16).
+            out = fn(*map(_upcast_bf16, args), **{k: _upcast_bf16(v) for k, v in kwargs.items()})
+            if op in _OUTPUTS_LIKE_INPUTS:
+                out = tuple(o.to(torch.bfloat16) if i in _OUTPUTS_LIKE_INPUTS[op] else o
+                            for i, o in enumerate(out))
+            return out
+        return fn(*args, **kwargs)
     run.__name__ = f"{op}_triton"
     return run
 

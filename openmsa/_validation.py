@@ -5,18 +5,25 @@ so that bad input fails fast with a message that names the argument and says wha
 was expected. Nothing in this module modifies its inputs.
 
 Checks that need the *values* of ``cu_seqlens`` (start at 0, non-decreasing,
-Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free;
-for CUDA tensors it is a device->host copy, i.e. a synchronisation. The reference
-backend needs the lengths on the host anyway, so it always checks them. The Triton
-backend (graph-capturable, no host sync) checks only metadata (dtype, shape,
-device) unless ``OPENMSA_CHECK_INPUTS=1`` is set in the environment.
+Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free and
+always done; the reference backend needs the lengths on the host anyway. On CUDA tensors
+the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
+remembered on the tensor object with its version counter), so the sixty layers of a
+step synchronise at most once and a step that builds new tensors is checked again. It
+skips the read while a CUDA graph is being captured, under torch.compile, and where the
+user turned value checks off (``value_checks(False)``). Whenever the values were not
+read on the host, the kernels get a device-side sanitised copy (``_sanitized_cu``): valid
+values pass unchanged, invalid ones are replaced by a layout that is in bounds, so no
+value can make a kernel read or write out of bounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +34,33 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def check_inputs_on_device() -> bool:
-    """Whether value checks of cu_seqlens may synchronise with a CUDA device."""
+    """Whether the serving helpers check device metadata values on every call (a sync)."""
     return os.environ.get("OPENMSA_CHECK_INPUTS", "0") not in ("", "0", "false", "False")
+
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the host-side checks of cu_seqlens *values* on CUDA tensors on or off for the
+    whole process; returns the previous setting. Off, no op reads cu_seqlens on the host
+    (no synchronisation at all); invalid values then give unspecified results (computed
+    as one sequence), never an out-of-bounds access. CPU tensors and the reference
+    backend always check (their lengths are on the host anyway)."""
+    global _value_checks
+    check_bool("enabled", enabled)
+    previous, _value_checks = _value_checks, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """``with openmsa.value_checks(False): ...``: ``set_value_checks`` for a block."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 def check_tensor(name: str, t, ndim: int, layout: str) -> None:
@@ -104,9 +136,9 @@ def check_backend(backend) -> str:
 class Varlen:
     """Host-side view of the packed layout (spec section 3).
 
-    ``cu_seqlens_q``/``cu_seqlens_k`` are the caller's int32 device tensors. The
-    host lists are ``None`` when the values were not read (Triton backend on a CUDA
-    device without OPENMSA_CHECK_INPUTS), so that no synchronisation happens.
+    ``cu_seqlens_q``/``cu_seqlens_k`` are int32 tensors on the inputs' device: the
+    caller's, or their sanitised copies where the values were not checked. The host
+    lists are ``None`` when the values were not read, so that no synchronisation happens.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -147,6 +179,7 @@ def _check_cu_values(name: str, values: tuple, total: int, total_name: str) -> N
 
 def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
                  device: torch.device, read_values: bool) -> Varlen:
+    """Check the cu_seqlens pair; ``read_values``: the caller needs the host lists."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, cu, 1, "[num_seqs + 1] int32")
         if cu.dtype != torch.int32:
@@ -160,12 +193,29 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
             f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), got "
             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
+    if cu_seqlens_q.numel() == 1 and (total_q or total_k):
+        raise ValueError(f"cu_seqlens_q/cu_seqlens_k describe no sequence, but there are "
+                         f"{total_q} query and {total_k} key rows")
+    if total_q > total_k:  # a host fact: some sequence must have Lq > Lk
+        raise ValueError(
+            f"cu_seqlens_q/cu_seqlens_k: total_q = {total_q} query rows but only total_k = "
+            f"{total_k} key rows; every sequence needs Lq <= Lk"
+        )
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
-    if not (read_values or cu_seqlens_q.device.type == "cpu" or check_inputs_on_device()):
-        return varlen
+    if read_values or cu_seqlens_q.device.type == "cpu":
+        return _check_values(varlen)
+    if not _may_read_device_values():
+        return Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k)
+    if not _already_checked(varlen):
+        _check_values(varlen)
+        _remember_checked(varlen)
+    return varlen
+
+
+def _check_values(varlen: Varlen) -> Varlen:
     varlen = varlen.host()
-    _check_cu_values("cu_seqlens_q", varlen.cu_q, total_q, "total_q (q.shape[0])")
-    _check_cu_values("cu_seqlens_k", varlen.cu_k, total_k, "total_k (k.shape[0])")
+    _check_cu_values("cu_seqlens_q", varlen.cu_q, varlen.total_q, "total_q (q.shape[0])")
+    _check_cu_values("cu_seqlens_k", varlen.cu_k, varlen.total_k, "total_k (k.shape[0])")
     for b in range(varlen.num_seqs):
         lq = varlen.cu_q[b + 1] - varlen.cu_q[b]
         lk = varlen.cu_k[b + 1] - varlen.cu_k[b]
@@ -175,6 +225,48 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
                 f"queries must be the last Lq positions of their keys (Lq <= Lk)"
             )
     return varlen
+
+
+def _may_read_device_values() -> bool:
+    """A host read of device values is allowed: checks on, not capturing, not compiling."""
+    if not _value_checks or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# Attribute on cu_seqlens_q naming the pair of tensors (and versions, totals) last checked.
+_CHECKED_ATTR = "_openmsa_checked_cu_seqlens"
+
+
+def _check_key(varlen: Varlen) -> tuple:
+    q, k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
+    return (q._version, k._version, varlen.total_q, varlen.total_k)
+
+
+def _already_checked(varlen: Varlen) -> bool:
+    mark = getattr(varlen.cu_seqlens_q, _CHECKED_ATTR, None)
+    return (mark is not None and mark[0]() is varlen.cu_seqlens_k
+            and mark[1] == _check_key(varlen))
+
+
+def _remember_checked(varlen: Varlen) -> None:
+    try:
+        setattr(varlen.cu_seqlens_q, _CHECKED_ATTR,
+                (weakref.ref(varlen.cu_seqlens_k), _check_key(varlen)))
+    except (AttributeError, TypeError):  # tensor subclasses without a __dict__: check again
+        pass
+
+
+def _sanitized_cu(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int):
+    """Device-side copies of (cu_q, cu_k) that are a valid layout for (total_q, total_k):
+    the tensors' own values when they are valid, else one sequence holding every row
+    (``[0, total, ..., total]``; valid since total_q <= total_k). Torch ops only: no host
+    sync, capturable in a CUDA graph, traceable by torch.compile."""
+    lq, lk = cu_q.diff(), cu_k.diff()
+    ok = ((cu_q[0] == 0) & (cu_k[0] == 0) & (cu_q[-1] == total_q) & (cu_k[-1] == total_k)
+          & (lq >= 0).all() & (lq <= lk).all())
+    ends = torch.ones_like(cu_q).index_fill_(0, torch.zeros(1, dtype=torch.long, device=cu_q.device), 0)
+    return torch.where(ok, cu_q, ends * total_q), torch.where(ok, cu_k, ends * total_k)
 
 
 def check_qkv(q, k, v) -> None:

@@ -64,3 +64,101 @@ def replay_after_replan(wrapper, q, qi, k_cache, v_cache, ki_cache, cu_q, new_kv
     graph.replay()
     torch.cuda.synchronize()
     return out, lse, idx
+
+
+# ------------------------------------------------------------------ selection comparison
+# Two correct implementations of the Index Branch may disagree only where block scores
+# (nearly) tie: each rounds the dot products its own way. A test accepts a difference from
+# the reference only where the float64 scores of the blocks involved lie within the
+# rounding bound of the K-th score (never a share of matching rows), so it still fails on
+# a real bug. Exact-equality tests instead use dyadic inputs, whose dots are exact in
+# float32 whatever the summation order.
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def block_scores64(qi, ki, cu_q, cu_k, block_size, scale, rows_per_chunk=512):
+    """float64 Index Branch block scores of spec section 4 and their rounding scale.
+
+    Returns ``scores [Hkv, total_q, max_blocks]`` (block max of scale * <qi, ki> over the
+    visible keys; -inf for blocks with no visible key; NaN scores as -inf, since NaN ranks
+    below every number) and ``magnitude [Hkv, total_q]``: scale * max_j sum_d |qi_d ki_jd|
+    over the visible keys j, the quantity a float32 dot's rounding error is relative to.
+    """
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    hkv, total_q, dev = qi.shape[1], qi.shape[0], qi.device
+    max_blocks = max([-(-(ck[b + 1] - ck[b]) // block_size) for b in range(len(ck) - 1)] + [1])
+    scores = torch.full((hkv, total_q, max_blocks), float("-inf"), dtype=torch.float64, device=dev)
+    magnitude = torch.zeros(hkv, total_q, dtype=torch.float64, device=dev)
+    for b in range(len(cq) - 1):
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        keys = ki[ck[b]:ck[b + 1], 0].double()
+        nb = -(-lk // block_size)
+        for r0 in range(0, lq, rows_per_chunk):
+            rows = slice(cq[b] + r0, cq[b] + min(lq, r0 + rows_per_chunk))
+            q = qi[rows].double()
+            pos = lk - lq + torch.arange(r0, r0 + q.shape[0], device=dev)
+            visible = torch.arange(lk, device=dev)[None, :] <= pos[:, None]
+            z = scale * torch.einsum("rhd,jd->hrj", q, keys)
+            z = z.nan_to_num(nan=float("-inf")).masked_fill(~visible, float("-inf"))
+            z = torch.nn.functional.pad(z, (0, nb * block_size - lk), value=float("-inf"))
+            scores[:, rows, :nb] = z.view(hkv, -1, nb, block_size).amax(-1)
+            mag = scale * torch.einsum("rhd,jd->hrj", q.abs(), keys.abs())
+            magnitude[:, rows] = mag.nan_to_num(0.0).masked_fill(~visible, 0.0).amax(-1) if lk else 0.0
+    return scores, magnitude
+
+
+def rounding_bound(magnitude, index_head_dim, unit_roundoff=FP32_UNIT_ROUNDOFF):
+    """How far two implementations' block scores may lie apart: each float32 dot of Di
+    terms (plus the scale and a few more roundings) is within gamma_(Di+4) * magnitude of
+    the exact value (Higham's bound for any summation order), so two of them within twice
+    that."""
+    n = index_head_dim + 4
+    return 2 * n * unit_roundoff / (1 - n * unit_roundoff) * magnitude
+
+
+def assert_selection_matches(idx, ref_idx, scores, bound, *, ordered=False):
+    """``idx`` selects like ``ref_idx`` up to ties within ``bound``.
+
+    Exact: shapes, the number of valid entries per row, the last valid entry (the local
+    block) and the -1 padding. The earlier blocks of a row may differ from the
+    reference's only by blocks whose float64 score is within ``bound`` of the row's K-th
+    score (the smallest score the exact ranking keeps); with ``ordered`` the entries must
+    also be in descending score order up to ``bound``, equal scores by ascending id.
+    ``scores``/``bound`` as from ``block_scores64``/``rounding_bound``.
+    """
+    assert idx.shape == ref_idx.shape, (idx.shape, ref_idx.shape)
+    idx, ref_idx = idx.long().flatten(1, -2), ref_idx.long().flatten(1, -2)
+    scores, bound = scores.to(idx.device), bound.to(idx.device).flatten(1)[..., None]
+    valid, ref_valid = idx >= 0, ref_idx >= 0
+    n_valid = valid.sum(-1)
+    assert torch.equal(n_valid, ref_valid.sum(-1)), "numbers of valid entries differ"
+    col = torch.arange(idx.shape[-1], device=idx.device)
+    assert torch.equal(valid, col < n_valid[..., None]), "valid entries are not a prefix"
+    last = (n_valid - 1).clamp_min(0)[..., None]
+    assert torch.equal(idx.gather(-1, last), ref_idx.gather(-1, last)), "local blocks differ"
+    earlier = col < (n_valid - 1)[..., None]
+    local = ref_idx.gather(-1, last)
+    assert bool(((idx < local) | ~earlier).all()), "an earlier entry is not an earlier block"
+    sel = torch.where(earlier, idx, 0)
+    srt = torch.where(earlier, sel, -1 - col).sort(-1).values
+    assert not bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()), "duplicate ids"
+    ref_sel = torch.where(earlier, ref_idx, 0)
+    s = scores.gather(-1, sel)
+    s_ref = scores.gather(-1, ref_sel)
+    # The exact K-th score: the smallest the reference keeps is within bound of it too.
+    kth = torch.where(earlier, s_ref, float("inf")).amin(-1, keepdim=True)
+    in_ref = (sel[..., :, None] == ref_sel[..., None, :]).logical_and(earlier[..., None, :]).any(-1)
+    in_idx = (ref_sel[..., :, None] == sel[..., None, :]).logical_and(earlier[..., None, :]).any(-1)
+
+    def near_kth(x):
+        return (x == kth) | ((x - kth).abs() <= bound)
+    extra = earlier & ~in_ref & ~near_kth(s)
+    missing = earlier & ~in_idx & ~near_kth(s_ref)
+    assert not bool(extra.any()), f"{int(extra.any(-1).sum())} rows select a block not near the K-th score"
+    assert not bool(missing.any()), f"{int(missing.any(-1).sum())} rows miss a block not near the K-th score"
+    if ordered:
+        pair = earlier[..., 1:]
+        a, b = s[..., :-1], s[..., 1:]
+        ok = (a > b) | ((a == b) & (sel[..., :-1] < sel[..., 1:])) | ((a - b).abs() <= bound)
+        assert not bool((pair & ~ok).any()), f"{int((pair & ~ok).any(-1).sum())} rows out of order"

@@ -429,3 +429,166 @@ def test_triton_backend_on_cpu_not_implemented_yet(fn_name, dense, ref_spy):
     assert_unchanged(args, snap)
     if ops[0] not in _backend.TRITON_OPS:
         assert ref_spy.calls == []
+
+
+# ------------------------------------------------------- cu_seqlens values on a device
+from openmsa import _validation as V  # noqa: E402
+
+INVALID_CU = [  # (cu_q, cu_k, total_q, total_k)
+    ([1, 4, 12], [0, 6, 16], 12, 16),  # does not start at 0
+    ([0, 8, 4], [0, 6, 16], 4, 16),  # decreasing
+    ([0, 8, 12], [0, 6, 16], 12, 16),  # Lq > Lk in sequence 0
+    ([0, 4, 10], [0, 6, 16], 12, 16),  # last entry != total_q
+    ([0, 4, 12], [0, 6, 99], 12, 16),  # beyond total_k
+    ([0, -5, 12], [0, -5, 16], 12, 16),  # negative
+    ([0, 2**31 - 1, 12], [0, 2**31 - 1, 16], 12, 16),  # huge
+]
+
+
+def _is_valid(cu_q, cu_k, total_q, total_k):
+    try:
+        V._check_values(V.Varlen(cu_q, cu_k, total_q, total_k))
+        return True
+    except ValueError:
+        return False
+
+
+def test_sanitized_cu_keeps_valid_layouts():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        nseq = int(torch.randint(1, 6, (1,), generator=gen))
+        lk = torch.randint(0, 50, (nseq,), generator=gen)
+        lq = (torch.rand(nseq, generator=gen) * (lk + 1)).long().clamp(max=lk)
+        cu_q = torch.cat([lq.new_zeros(1), lq.cumsum(0)]).int()
+        cu_k = torch.cat([lk.new_zeros(1), lk.cumsum(0)]).int()
+        sq, sk = V._sanitized_cu(cu_q, cu_k, int(cu_q[-1]), int(cu_k[-1]))
+        assert torch.equal(sq, cu_q) and torch.equal(sk, cu_k)
+
+
+@pytest.mark.parametrize("cu_q,cu_k,total_q,total_k", INVALID_CU)
+def test_sanitized_cu_repairs_invalid_layouts(cu_q, cu_k, total_q, total_k):
+    """Unchecked invalid values become a valid layout of the same totals (one sequence),
+    which is what keeps every kernel in bounds."""
+    cu_q, cu_k = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    assert not _is_valid(cu_q, cu_k, total_q, total_k)
+    snap = (cu_q.clone(), cu_k.clone())
+    sq, sk = V._sanitized_cu(cu_q, cu_k, total_q, total_k)
+    assert _is_valid(sq, sk, total_q, total_k)
+    assert sq.tolist() == [0] + [total_q] * (len(cu_q) - 1)
+    assert torch.equal(cu_q, snap[0]) and torch.equal(cu_k, snap[1])
+
+
+def test_layouts_that_are_invalid_by_their_totals_raise_without_reading_values():
+    cu = torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="no sequence"):
+        V.check_varlen(cu, cu, 3, 3, cu.device, read_values=False)
+    cu_q, cu_k = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="Lq <= Lk"):
+        V.check_varlen(cu_q, cu_k, 9, 5, cu_q.device, read_values=False)
+
+
+def test_value_checks_switch():
+    assert V._value_checks
+    with openmsa.value_checks(False):
+        assert not V._value_checks
+        with openmsa.value_checks(True):
+            assert V._value_checks
+        assert not V._value_checks
+    assert V._value_checks
+    with pytest.raises(TypeError, match="enabled"):
+        openmsa.set_value_checks("no")
+    assert openmsa.set_value_checks(True) is True
+
+
+def test_checked_mark_follows_tensor_and_version():
+    cu_q = torch.tensor(CU_Q, dtype=torch.int32)
+    cu_k = torch.tensor(CU_K, dtype=torch.int32)
+    vl = V.Varlen(cu_q, cu_k, TQ, TK)
+    assert not V._already_checked(vl)
+    V._remember_checked(vl)
+    assert V._already_checked(vl)
+    assert not V._already_checked(V.Varlen(cu_q, cu_k.clone(), TQ, TK))  # another tensor
+    assert not V._already_checked(V.Varlen(cu_q, cu_k, TQ, TK + 1))
+    cu_k.add_(0)  # an in-place write bumps the version: checked again
+    assert not V._already_checked(vl)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_problem(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    tq, tk = 300, 700
+    q = torch.randn(tq, 8, 64, generator=g).to("cuda", dtype)
+    k, v = (torch.randn(tk, 2, 64, generator=g).to("cuda", dtype) for _ in range(2))
+    qi = torch.randn(tq, 2, 64, generator=g).to("cuda", dtype)
+    ki = torch.randn(tk, 1, 64, generator=g).to("cuda", dtype)
+    cu_q = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 300, 700], dtype=torch.int32, device="cuda")
+    return q, k, v, qi, ki, cu_q, cu_k
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cu_q,cu_k,total_q,total_k", INVALID_CU)
+def test_gpu_bad_cu_seqlens_raise(cu_q, cu_k, total_q, total_k):
+    q, k, v, qi, ki, _, _ = _cuda_problem()
+    q, qi, k, v, ki = q[:total_q], qi[:total_q], k[:total_k], v[:total_k], ki[:total_k]
+    cu_q = torch.tensor(cu_q, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor(cu_k, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        openmsa.msa_attention(q, k, v, qi, ki, cu_q, cu_k, block_size=64, topk=4)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=64, topk=4)
+    # Unchecked on request: no error, no out-of-bounds access (compute-sanitizer runs this
+    # test), results of the documented fallback layout.
+    with openmsa.value_checks(False):
+        out, kl, idx = openmsa.msa_attention(q, k, v, qi, ki, cu_q, cu_k, block_size=64, topk=4)
+        torch.cuda.synchronize()
+    one = (torch.tensor([0, total_q], dtype=torch.int32, device="cuda"),
+           torch.tensor([0, total_k], dtype=torch.int32, device="cuda"))
+    ref_out, _, ref_idx = openmsa.msa_attention(q, k, v, qi, ki, *one, block_size=64, topk=4)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cu_seqlens_read_once_per_tensor(monkeypatch):
+    q, k, v, qi, ki, cu_q, cu_k = _cuda_problem()
+    reads = []
+    plain = V._check_values
+    monkeypatch.setattr(V, "_check_values", lambda vl: reads.append(1) or plain(vl))
+    for _ in range(3):  # one step's layers: one host read
+        openmsa.msa_attention(q, k, v, qi, ki, cu_q, cu_k, block_size=64, topk=4)
+    assert len(reads) == 1
+    cu_k[-1] = 700  # written in place (same value): read again
+    openmsa.sparse_attention(q, k, v, None, cu_q, cu_k, block_size=64)
+    assert len(reads) == 2
+    openmsa.sparse_attention(q, k, v, None, cu_q.clone(), cu_k, block_size=64)
+    assert len(reads) == 3
+    with openmsa.value_checks(False):
+        openmsa.sparse_attention(q, k, v, None, cu_q.clone(), cu_k, block_size=64)
+    assert len(reads) == 3
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_no_host_read_while_capturing(monkeypatch):
+    """A CUDA graph captures the ops (no sync) and replays the sanitised layout."""
+    q, k, v, qi, ki, cu_q, cu_k = _cuda_problem()
+    kw = dict(block_size=64, topk=4)
+    expected = openmsa.msa_attention(q, k, v, qi, ki, cu_q, cu_k, **kw)
+    monkeypatch.setattr(V, "_check_values", lambda vl: pytest.fail("host read while capturing"))
+    cu_q2, cu_k2 = cu_q.clone(), cu_k.clone()  # never checked before
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), openmsa.value_checks(False):
+        openmsa.msa_attention(q, k, v, qi, ki, cu_q2, cu_k2, **kw)  # warm up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, kl, idx = openmsa.msa_attention(q, k, v, qi, ki, cu_q2, cu_k2, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(idx.sort(-1).values, expected[2].sort(-1).values)
+    assert (out.float() - expected[0].float()).norm() <= 1e-2 * expected[0].float().norm()
