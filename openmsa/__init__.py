@@ -1,7 +1,9 @@
 """openmsa: MiniMax Sparse Attention (MSA) for the GPUs people have.
 
 Public API (spec ``MSA.md`` section 10): :func:`indexer_topk`, :func:`sparse_attention`,
-:func:`indexer_kl_loss`, :func:`msa_attention`, and the :class:`MSAttention` layer.
+:func:`indexer_kl_loss`, :func:`msa_attention`, and the :class:`MSAttention` layer, with
+:func:`collect_kl_losses` (the KL of every MSA layer of a model, converted transformers
+layers included: ``loss = lm_loss + lam * openmsa.collect_kl_losses(model)``).
 """
 
 from ._validation import set_value_checks, value_checks

@@ -16,9 +16,15 @@ Tolerances: dense-mode logits vs the original model, relative error norm <= 1e-5
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
+# Triton fixes its interpreter switch when first imported (e.g. by a torch.optim step,
+# through torch._dynamo): set it before, so that the kernel tests below, which
+# monkeypatch TRITON_INTERPRET=1, also work when this module runs alone.
+os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,11 +214,71 @@ def test_kl_only_when_requested():
     ids = tokens(1, 40)
     with torch.no_grad():
         model(ids)
-    assert collect_kl_losses(model) is None  # auto: no autograd, no KL (generation)
+    assert all(m.kl_loss is None for m in msa_layers(model))  # auto: no autograd, no KL
+    with pytest.raises(RuntimeError, match="has computed a KL loss.*forward"):
+        collect_kl_losses(model)  # a clear error rather than None, which breaks lam * kl
     set_msa_mode(model, "sparse", compute_kl=True)
     with torch.no_grad():
         model(ids)
     assert collect_kl_losses(model).item() > 0
+
+
+def test_collect_kl_losses_is_openmsa_collect_kl_losses():
+    """One function: openmsa.collect_kl_losses finds the converted layers (the README's
+    ``loss = out.loss + 0.1 * openmsa.collect_kl_losses(model)``) and any MSAttention."""
+    import openmsa
+    import openmsa.integrations.transformers as integ
+    from openmsa.layers.msa_attention import IndexBranchMixin
+
+    assert integ.collect_kl_losses is openmsa.collect_kl_losses is collect_kl_losses
+    assert "collect_kl_losses" in integ.__all__
+    model = converted("llama", mode="sparse")
+    assert all(isinstance(m, IndexBranchMixin) for m in msa_layers(model))
+    with pytest.raises(RuntimeError, match="none of the 2 MSA layers"):
+        openmsa.collect_kl_losses(model)  # no forward yet
+    ids = tokens(1, 40)
+    out = model(ids, labels=ids, use_cache=False)
+    kl = openmsa.collect_kl_losses(model)
+    assert kl.dim() == 0 and kl.dtype == torch.float32 and kl.item() > 0
+    assert torch.allclose(kl, sum(m.kl_loss for m in msa_layers(model)))
+    (out.loss + 0.1 * kl).backward()
+    assert all(m.qi_proj.weight.grad.abs().sum() > 0 for m in msa_layers(model))
+    # an openmsa.MSAttention inside the same model counts too
+    extra = openmsa.MSAttention(64, 4, 2, 16, index_head_dim=16, block_size=BS, topk=TOPK)
+    model.extra = extra
+    extra(torch.randn(1, 20, 64))
+    assert torch.allclose(openmsa.collect_kl_losses(model), kl + extra.kl_loss)
+    # a model without MSA layers: a clear error too
+    with pytest.raises(ValueError, match="no MSA layers"):
+        openmsa.collect_kl_losses(make_model("llama"))
+
+
+def test_layers_without_kl_contribute_nothing():
+    """A layer whose forward skipped the KL (compute_kl=False) adds nothing to the sum."""
+    model = converted("llama", mode="sparse", first_dense_layers=0)
+    first, *rest = msa_layers(model)
+    first.compute_kl = False
+    ids = tokens(1, 40)
+    model(ids, use_cache=False)
+    assert first.kl_loss is None and all(m.kl_loss is not None for m in rest)
+    assert torch.allclose(collect_kl_losses(model), sum(m.kl_loss for m in rest))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64])
+def test_wrong_hidden_states_dtype_raises_type_error(dtype):
+    model = converted("llama", mode="sparse", first_dense_layers=0)  # float32 parameters
+    embeds = model.get_input_embeddings()(tokens(1, 20))
+    attn = msa_layers(model)[0]
+    pos = torch.arange(20)[None]
+    cos, sin = model.model.rotary_emb(embeds, pos)
+    with torch.no_grad():
+        attn(embeds, position_embeddings=(cos, sin))  # the parameters' dtype runs
+        with pytest.raises(TypeError, match=r"^hidden_states must .*torch\.float32.*"
+                           + str(dtype).replace(".", r"\.")):
+            attn(embeds.to(dtype), position_embeddings=(cos, sin))
+        if dtype == torch.float64:  # float64 reaches the first MSA layer through the model
+            with pytest.raises(TypeError, match="hidden_states"):
+                model(inputs_embeds=embeds.to(dtype))
 
 
 def test_gradient_checkpointing_non_reentrant_keeps_gradients():
@@ -414,6 +480,9 @@ def assert_same_dense_training_step(model, ref, ids):
         assert rel_err(g1[n], g2[n]) < 1e-4, n
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="Triton's interpreter on CPU tensors; on a CUDA host Triton runs "
+                           "compiled (the gpu tests cover the kernels there)")
 def test_dense_mode_through_the_kernels_equals_the_reference_path(monkeypatch):
     """Dense mode with the KL, keys that fit 64 blocks and kernel-supported shapes runs as
     sparse mode with K = every block through the Triton kernels (here the interpreter):

@@ -12,13 +12,19 @@ there too.
 from __future__ import annotations
 
 import math
+import os
 
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
+# Triton fixes its interpreter switch when first imported (e.g. by a torch.optim step,
+# through torch._dynamo): set it before, so that the kernel tests below, which
+# monkeypatch TRITON_INTERPRET=1, also work when this module runs alone.
+os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
 
-from openmsa import MSAttention, collect_kl_losses
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from openmsa import MSAttention, collect_kl_losses  # noqa: E402
 
 HIDDEN, HQ, HKV, D, DI = 32, 4, 2, 8, 8
 G = HQ // HKV
@@ -335,8 +341,12 @@ class TwoLayerModel(nn.Module):
 
 def test_collect_kl_losses():
     model = TwoLayerModel()
-    assert collect_kl_losses(model) is None  # no forward yet
-    assert collect_kl_losses(nn.Linear(2, 2)) is None  # no MSAttention at all
+    with pytest.raises(RuntimeError, match="no(ne of the 3)? MSA layers? .*computed a KL loss.*forward"):
+        collect_kl_losses(model)  # no forward yet
+    with pytest.raises(ValueError, match="no MSA layers"):
+        collect_kl_losses(nn.Linear(2, 2))  # no MSAttention at all
+    with pytest.raises(TypeError, match="model"):
+        collect_kl_losses([make()])
     model(torch.randn(2, 10, HIDDEN))
     mods = [m for m in model.modules() if isinstance(m, MSAttention)]
     assert len(mods) == 3
@@ -361,6 +371,53 @@ def test_collect_kl_losses_single_layer_and_latest_forward():
     total = collect_kl_losses(m)  # the module itself counts, and only its last forward
     assert torch.equal(total, m.kl_loss)
     assert not torch.equal(total.detach(), first)
+    assert torch.equal(collect_kl_losses(m), total)  # collecting leaves the losses in place
+
+
+def test_collect_kl_losses_skips_layers_without_a_loss():
+    """A layer that holds no KL (no forward yet) contributes nothing; one layer suffices."""
+    model = TwoLayerModel()
+    first = model.layers[0]
+    first(torch.randn(1, 8, HIDDEN))
+    assert model.layers[1].kl_loss is None
+    total = collect_kl_losses(model)
+    assert total.dtype == torch.float32 and torch.equal(total, first.kl_loss)
+    (0.1 * total).backward()
+    assert first.qi_proj.weight.grad is not None
+
+
+def test_collect_kl_losses_is_one_function_for_every_msa_layer():
+    """openmsa.collect_kl_losses finds every module marked as an MSA layer (the
+    IndexBranchMixin that MSAttention and the transformers integration's module share),
+    and the layers package does not import the integrations."""
+    import subprocess
+    import sys
+
+    import openmsa
+    from openmsa.layers.msa_attention import IndexBranchMixin
+
+    assert openmsa.collect_kl_losses is collect_kl_losses
+    assert isinstance(make(), IndexBranchMixin)
+
+    class OtherMSA(IndexBranchMixin, nn.Module):  # e.g. another integration's module
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self):
+            self.kl_loss = self.w * 3.0
+
+    model = nn.Sequential(OtherMSA(), make())
+    with pytest.raises(RuntimeError):
+        collect_kl_losses(model)
+    model[0]()
+    assert collect_kl_losses(model).item() == 6.0
+    model[1](torch.randn(1, 8, HIDDEN))
+    assert torch.allclose(collect_kl_losses(model), 6.0 + model[1].kl_loss)
+    code = ("import sys, openmsa, openmsa.layers; "
+            "assert not any(m.startswith('openmsa.integrations') for m in sys.modules), "
+            "sorted(m for m in sys.modules if m.startswith('openmsa'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- positions -----------------------------------------------------------------------------
@@ -410,13 +467,120 @@ def test_rotary_dim_zero_ignores_positions():
     assert torch.equal(m(x), m(x, positions=torch.arange(9) * 7 + 3))
 
 
-@pytest.mark.parametrize("bad", ["float", "numel"])
-def test_bad_positions(bad):
+@pytest.mark.parametrize("bad,exc", [("float", TypeError), ("bool", TypeError),
+                                     ("complex", TypeError), ("numel", ValueError),
+                                     ("rank", ValueError), ("device", ValueError)])
+def test_bad_positions(bad, exc):
     m = make()
     x = torch.randn(2, 6, HIDDEN)
-    pos = {"float": torch.arange(12, dtype=torch.float32), "numel": torch.arange(11)}[bad]
-    with pytest.raises((ValueError, TypeError), match="positions"):
+    pos = {"float": torch.arange(12, dtype=torch.float32),
+           "bool": torch.ones(12, dtype=torch.bool),
+           "complex": torch.zeros(12, dtype=torch.complex64),
+           "numel": torch.arange(11),
+           "rank": torch.arange(12).view(2, 2, 3),
+           "device": torch.arange(12, device="meta")}[bad]
+    with pytest.raises(exc, match="positions") as info:
         m(x, positions=pos)
+    if exc is TypeError:
+        assert "integer" in str(info.value) and str(pos.dtype) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_positions_dtypes(dtype):
+    m = make(rotary_dim=4)
+    x = torch.randn(1, 7, HIDDEN)
+    assert torch.equal(m(x, positions=torch.arange(7, dtype=dtype) + 2),
+                       m(x, positions=torch.arange(7) + 2))
+
+
+# --- input dtypes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64,
+                                   torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_wrong_input_dtype_raises_type_error(dtype, packed):
+    m = make()  # float32 parameters
+    x = torch.ones(2, 6, HIDDEN).to(dtype)
+    cu = None
+    if packed:
+        x, cu = x.reshape(12, HIDDEN), torch.tensor([0, 5, 12], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"^x must .*torch\.float32.*" + str(dtype).replace(".", r"\.")):
+        m(x, cu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_input_of_the_parameter_dtype_runs(dtype):
+    """float64 input is fine for a float64 layer (and so on): only a mismatch is refused."""
+    m = make(qk_norm=True).to(dtype)
+    out = m(torch.randn(2, 9, HIDDEN, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert m.kl_loss.dtype == kl_dtype and torch.isfinite(m.kl_loss)
+    m(torch.randn(0, 9, HIDDEN, dtype=dtype))  # empty input: the same dtypes
+    assert m.kl_loss.dtype == kl_dtype and m.kl_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_accepts_floating_inputs(dtype):
+    """Under torch.autocast the projections cast a float32/16-bit input themselves."""
+    m = make(qk_norm=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 9, HIDDEN, dtype=dtype))
+        with pytest.raises(TypeError, match="x must"):  # autocast leaves float64 alone
+            m(torch.randn(2, 9, HIDDEN, dtype=torch.float64))
+        with pytest.raises(TypeError, match="x must"):
+            m(torch.ones(2, 9, HIDDEN, dtype=torch.int64))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(m.kl_loss)
+
+
+# --- empty inputs -----------------------------------------------------------------------------
+
+EMPTY_CASES = {
+    "batch0": ((0, 7, HIDDEN), None),
+    "seqlen0": ((3, 0, HIDDEN), None),
+    "batch0-seqlen0": ((0, 0, HIDDEN), None),
+    "packed-no-seqs": ((0, HIDDEN), [0]),
+    "packed-empty-seqs": ((0, HIDDEN), [0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_input(case, mode, backend):
+    """No tokens: an empty output of x's shape and kl_loss = 0 (float32 scalar), both of
+    which backward goes through (zero gradients, to the same parameters as usual)."""
+    shape, cu = EMPTY_CASES[case]
+    m = make(mode=mode, qk_norm=True, bias=True, rotary_dim=4, backend=backend)
+    x = torch.randn(shape, requires_grad=True)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    out = m(x, cu)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    kl = m.kl_loss
+    assert kl.shape == () and kl.dtype == torch.float32 and kl.item() == 0.0
+    assert torch.equal(collect_kl_losses(m), kl)
+    (out.sum() + 0.1 * collect_kl_losses(m)).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for n, p in m.named_parameters():
+        if isinstance(getattr(m, n.split(".")[0]), nn.Linear):
+            assert p.grad is not None and not p.grad.any(), n
+    m.zero_grad(set_to_none=True)
+    m(x, cu)
+    m.kl_loss.backward()  # the KL alone, too
+    assert all(p.grad is not None for p in m.index_parameters() if p.dim() == 2)
+    # with positions (empty) too
+    pos = torch.zeros(shape[:-1], dtype=torch.int64)
+    assert m(x, cu, positions=pos).shape == x.shape
+
+
+def test_empty_sequences_inside_a_pack():
+    """Empty sequences between non-empty ones change nothing."""
+    m = make(mode="sparse", rotary_dim=4)
+    x = torch.randn(9, HIDDEN)
+    ref = m(x, torch.tensor([0, 4, 9], dtype=torch.int32))
+    kl = m.kl_loss
+    out = m(x, torch.tensor([0, 0, 4, 4, 9, 9], dtype=torch.int32))
+    assert torch.equal(out, ref) and torch.equal(m.kl_loss, kl)
 
 
 @pytest.mark.parametrize("arg", ["x", "positions"])
@@ -438,10 +602,24 @@ def test_bad_forward_layout():
         m(torch.randn(12, HIDDEN))  # packed without cu_seqlens
     with pytest.raises(ValueError, match="cu_seqlens"):
         m(torch.randn(2, 6, HIDDEN), torch.tensor([0, 6, 12], dtype=torch.int32))
-    with pytest.raises(TypeError, match="cu_seqlens"):
+    with pytest.raises(TypeError, match="cu_seqlens must be int32, got torch.int64"):
         m(torch.randn(12, HIDDEN), torch.tensor([0, 6, 12]))  # int64
-    with pytest.raises(ValueError, match="cu_seqlens"):
+    with pytest.raises(TypeError, match="cu_seqlens must be int32, got torch.float32"):
+        m(torch.randn(12, HIDDEN), torch.tensor([0.0, 6.0, 12.0]))
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        m(torch.randn(12, HIDDEN), [0, 6, 12])
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        m(torch.randn(12, HIDDEN), torch.tensor([[0, 6, 12]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must have at least one entry"):
+        m(torch.randn(0, HIDDEN), torch.tensor([], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal x.shape\[0\] = 12, got 11"):
         m(torch.randn(12, HIDDEN), torch.tensor([0, 6, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        m(torch.randn(12, HIDDEN), torch.tensor([0, 7, 6, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        m(torch.randn(12, HIDDEN), torch.tensor([1, 6, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must be on cpu"):
+        m(torch.randn(12, HIDDEN), torch.tensor([0, 6, 12], dtype=torch.int32, device="meta"))
 
 
 # --- constructor validation -------------------------------------------------------------------
@@ -567,6 +745,9 @@ def assert_same_layer_results(m, ref, x, w):
     return o2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="Triton's interpreter on CPU tensors; on a CUDA host Triton runs "
+                           "compiled (the gpu tests cover the kernels there)")
 @pytest.mark.parametrize("seqlen", [64, 150])  # one block exactly; 3 blocks, the last partial
 def test_dense_mode_through_the_kernels_equals_the_reference_path(seqlen, monkeypatch):
     """Dense mode on equal-length batches with at most 64 blocks runs as sparse mode with

@@ -42,9 +42,13 @@ Attention itself runs through the openmsa ops (no attention math here):
 - ``mode="sparse"``: ``msa_attention`` (Index Branch Top-k, Main Branch, sparse KL).
 
 Each layer stores its unscaled KL of the last forward in ``module.kl_loss``;
-:func:`collect_kl_losses` sums them (``loss = lm_loss + lam * kl``). The KL is computed when
-autograd is recording (``compute_kl=None``, the default), always (``True``: e.g. to monitor it
-under ``torch.no_grad()``), or never (``False``); generation (no_grad) skips it.
+:func:`collect_kl_losses` sums them (``loss = lm_loss + lam * kl``); it is the very function
+``openmsa.collect_kl_losses`` (re-exported here), which finds every MSA layer, converted or
+:class:`openmsa.MSAttention`. The KL is computed when autograd is recording
+(``compute_kl=None``, the default), always (``True``: e.g. to monitor it under
+``torch.no_grad()``), or never (``False``); generation (no_grad) skips it. A layer without a
+KL contributes nothing to the sum; when no layer holds one, :func:`collect_kl_losses` raises
+``RuntimeError`` (rather than returning None).
 
 Generation / KV cache. k, v go to the model's ``DynamicCache`` exactly as in transformers.
 The index keys ki (one ``[batch, 1, seq, Di]`` tensor per layer) live in the same cache:
@@ -75,7 +79,8 @@ Limitations (checked, with clear errors rather than wrong results):
 - Gradient checkpointing: use ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=
   {"use_reentrant": False})``. The reentrant variant runs the first forward under no_grad,
   so the KL (a side output on the module) would carry no graph; with the default
-  ``compute_kl=None`` it is then not computed and :func:`collect_kl_losses` returns None.
+  ``compute_kl=None`` it is then not computed and :func:`collect_kl_losses` raises
+  ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -96,8 +101,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import _validation as V
 from ..api import indexer_kl_loss, indexer_topk, msa_attention, sparse_attention
-from ..layers.msa_attention import (MODES as LAYER_MODES, IndexBranchMixin, MSAttention,
-                                    all_blocks_topk, dense_causal_gqa)
+from ..layers.msa_attention import (MODES as LAYER_MODES, IndexBranchMixin, all_blocks_topk,
+                                    check_input_dtype, collect_kl_losses, dense_causal_gqa)
 
 __all__ = [
     "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "collect_kl_losses",
@@ -366,6 +371,8 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
         if position_embeddings is None:
             raise ValueError("position_embeddings (cos, sin) are required: the MSA layer uses the "
                              "RoPE the model computes once per forward")
+        V.check_tensor("hidden_states", hidden_states, 3, "[batch, seq, hidden]")
+        check_input_dtype("hidden_states", hidden_states, self.q_proj.weight)
         b, s, _ = hidden_states.shape
         hq, hkv, d, di = self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
         # Main branch projections exactly as the original module computes them.
@@ -635,15 +642,3 @@ def index_parameters(model: nn.Module) -> list[nn.Parameter]:
     if not params:
         raise ValueError("model has no MSA layers; call convert_to_msa first")
     return params
-
-
-def collect_kl_losses(model: nn.Module) -> torch.Tensor | None:
-    """Sum (float32) of the KL losses of the last forward over the MSA layers of ``model``
-    (the converted transformers layers and any :class:`openmsa.MSAttention`); None if no
-    layer computed one. ``loss = lm_loss + lam * collect_kl_losses(model)``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    losses = [m.kl_loss for m in model.modules()
-              if isinstance(m, (MSAHFAttention, MSAttention)) and m.kl_loss is not None]
-    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
-

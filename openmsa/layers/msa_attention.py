@@ -60,10 +60,40 @@ def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_di
     return nblocks if ok else None
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts
+
+
+def check_input_dtype(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The input ``name`` of an MSA layer must have the dtype of its parameters (``weight``);
+    while ``torch.autocast`` is on for its device, any of float16 / bfloat16 / float32 (what
+    autocast casts for the projections; float64 it leaves alone) next to parameters of one
+    of those. A clear TypeError instead of a matmul's dtype mismatch."""
+    if x.dtype == weight.dtype:
+        return
+    if x.is_floating_point():
+        if (torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES
+                and weight.dtype in _AUTOCAST_DTYPES):
+            return
+        raise TypeError(
+            f"{name} must have the dtype of the layer's parameters ({weight.dtype}), or under "
+            f"torch.autocast float16/bfloat16/float32 with such parameters; got {x.dtype}: "
+            f"convert the input ({name}.to({weight.dtype})) or the layer (.to({x.dtype}))")
+    kind = "complex" if x.is_complex() else "non-floating"
+    raise TypeError(
+        f"{name} must be a floating-point tensor of the layer's parameter dtype "
+        f"({weight.dtype}) holding hidden states, got a {kind} {x.dtype} tensor")
+
+
 class IndexBranchMixin:
     """What every MSA attention module shares (openmsa's MSAttention, the transformers
     integration's MSAHFAttention): the mode ("sparse", or "dense" for the warmup of spec
-    section 6) and the index-branch parameters (qi_proj, ki_proj, qi_norm, ki_norm)."""
+    section 6), the index-branch parameters (qi_proj, ki_proj, qi_norm, ki_norm) and
+    ``kl_loss``, the unscaled KL of the module's last forward (None when it computed none).
+
+    It is also the mark :func:`collect_kl_losses` looks for: every module of a model that
+    derives from it is an MSA layer whose ``kl_loss`` is collected."""
+
+    kl_loss: torch.Tensor | None = None
 
     @property
     def mode(self) -> str:
@@ -97,9 +127,14 @@ class MSAttention(IndexBranchMixin, nn.Module):
 
     ``forward(x, cu_seqlens=None, positions=None)`` takes ``x [batch, seqlen, hidden]``
     or packed ``x [total, hidden]`` with int32 ``cu_seqlens``; returns the output like x
-    and stores the KL in ``self.kl_loss``. The packed form reads cu_seqlens on the host
-    (to check them and derive RoPE positions): pass ``positions`` and use the batched
-    form, or call the ops directly, where a CUDA graph must capture the layer.
+    and stores the KL (a float32 scalar; float64 for a float64 layer) in ``self.kl_loss``.
+    The packed form reads cu_seqlens on the host (to check them and derive RoPE
+    positions): pass ``positions`` and use the batched form, or call the ops directly,
+    where a CUDA graph must capture the layer. x must have the parameters' dtype (under
+    ``torch.autocast`` any of float16 / bfloat16 / float32); ``positions`` ``[total]`` or
+    ``[batch, seqlen]`` is an integer tensor. Empty input (batch 0, seqlen 0, an empty
+    pack) gives an empty output and ``kl_loss`` = 0, through which backward runs (zero
+    gradients).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim=None, *,
@@ -142,35 +177,56 @@ class MSAttention(IndexBranchMixin, nn.Module):
         self.kl_loss: torch.Tensor | None = None
 
     def _layout(self, x, cu_seqlens, positions):
-        """Packed x [T, hidden], int32 cu_seqlens, int64 positions [T]."""
+        """Packed x [T, hidden], int32 cu_seqlens, positions [T] (any integer dtype)."""
         layout = "[batch, seqlen, hidden] or packed [total, hidden]"
         V.check_tensor("x", x, x.dim() if isinstance(x, torch.Tensor) and x.dim() in (2, 3) else 3, layout)
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have hidden size {self.hidden_size}, got {x.shape[-1]}")
+        check_input_dtype("x", x, self.q_proj.weight)
         if x.dim() == 3:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens must be None for batched x [batch, seqlen, hidden]")
             b, n = x.shape[:2]
             cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * n
             local = torch.arange(n, device=x.device).repeat(b)
-            x = x.reshape(b * n, -1)
+            x = x.reshape(b * n, self.hidden_size)  # not -1: b * n may be 0
         else:
             if cu_seqlens is None:
                 raise ValueError("cu_seqlens is required for packed x [total, hidden]")
-            cu = cu_seqlens
-            vl = V.check_varlen(cu, cu, x.shape[0], x.shape[0], x.device, read_values=True)
-            starts = torch.tensor(vl.cu_q[:-1], device=x.device)
-            lens = torch.tensor([b - a for a, b in zip(vl.cu_q[:-1], vl.cu_q[1:])], device=x.device)
-            local = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(starts, lens)
+            cu = self._check_cu_seqlens(cu_seqlens, x)
+            starts, ends = cu[:-1].long(), cu[1:].long()
+            local = (torch.arange(x.shape[0], device=x.device)
+                     - torch.repeat_interleave(starts, ends - starts, output_size=x.shape[0]))
         if positions is not None:
             ok_rank = isinstance(positions, torch.Tensor) and positions.dim() in (1, 2)
             V.check_tensor("positions", positions, positions.dim() if ok_rank else 1,
                            "[total] or [batch, seqlen] integer positions")
-            if positions.numel() != x.shape[0] or positions.is_floating_point():
-                raise ValueError(f"positions must hold {x.shape[0]} integer positions, got "
-                                 f"{tuple(positions.shape)} {positions.dtype}")
+            if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+                raise TypeError(f"positions must be an integer tensor (e.g. int64 or int32), got "
+                                f"{positions.dtype}")
+            if positions.numel() != x.shape[0]:
+                raise ValueError(f"positions must hold {x.shape[0]} positions (one per token of "
+                                 f"x), got shape {tuple(positions.shape)}")
+            if positions.device != x.device:
+                raise ValueError(f"positions must be on {x.device} like x, got {positions.device}")
             local = positions.reshape(-1)
         return x, cu, local
+
+    @staticmethod
+    def _check_cu_seqlens(cu_seqlens, x: torch.Tensor) -> torch.Tensor:
+        """cu_seqlens of packed x: a 1-D int32 tensor on x's device, 0 = cu[0] <= ... <=
+        cu[-1] = x.shape[0] (read on the host). Zero sequences (``[0]``) and empty ones
+        are allowed."""
+        V.check_tensor("cu_seqlens", cu_seqlens, 1, "[num_seqs + 1] int32")
+        if cu_seqlens.dtype != torch.int32:
+            raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype} "
+                            f"(use cu_seqlens.to(torch.int32))")
+        if cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens must have at least one entry (the leading 0)")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens must be on {x.device} like x, got {cu_seqlens.device}")
+        V._check_cu_values("cu_seqlens", tuple(cu_seqlens.tolist()), x.shape[0], "x.shape[0]")
+        return cu_seqlens
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +245,15 @@ class MSAttention(IndexBranchMixin, nn.Module):
         if self.rotary_dim:
             cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
             q, k, qi, ki = (apply_rope(y, cos, sin) for y in (q, k, qi, ki))
-        if self.mode == "sparse":
+        if t == 0:
+            # no tokens (batch 0, seqlen 0 or an empty pack): no op runs. The output is empty
+            # and the KL a zero in the ops' KL dtype, both still in the graph of the
+            # projections (sums over empty tensors are exact zeros) so that backward runs and
+            # reaches the same parameters as for non-empty input, with zero gradients
+            o = q + (k.sum() + v.sum()).to(q.dtype)
+            kl_dtype = torch.promote_types(qi.dtype, torch.float32)
+            kl = qi.to(kl_dtype).sum() + ki.to(kl_dtype).sum()
+        elif self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=self.topk, backend=self.backend)
         elif x_in.dim() == 3 and cu_seqlens is None and (kall := all_blocks_topk(
@@ -211,8 +275,45 @@ class MSAttention(IndexBranchMixin, nn.Module):
         return self.o_proj(o.reshape(t, hq * d)).view(x_in.shape)
 
 
-def collect_kl_losses(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the KL losses of the last forward over every MSAttention in ``model``
-    (None if there is none): ``loss = lm_loss + lam * collect_kl_losses(model)``."""
-    losses = [m.kl_loss for m in model.modules() if isinstance(m, MSAttention) and m.kl_loss is not None]
-    return torch.stack([l.float() for l in losses]).sum() if losses else None
+def collect_kl_losses(model: nn.Module) -> torch.Tensor:
+    """Sum (a float32 scalar) of the KL losses of the last forward over every MSA layer in
+    ``model``: ``loss = lm_loss + lam * collect_kl_losses(model)``.
+
+    MSA layers are the modules deriving from :class:`IndexBranchMixin`: every
+    :class:`MSAttention` and every attention module of a model converted with
+    ``openmsa.integrations.transformers.convert_to_msa`` (that module re-exports this very
+    function), ``model`` itself included. Each holds the unscaled KL of its own last
+    forward in ``kl_loss``; collecting reads them and leaves them there (a later forward
+    replaces them).
+
+    A layer that holds no KL contributes nothing (zero): one that has not run a forward
+    yet, or a converted transformers layer whose last forward skipped the KL
+    (``compute_kl=False``, or the default ``compute_kl=None`` with autograd off, e.g.
+    under ``torch.no_grad()``, generation or the first pass of reentrant gradient
+    checkpointing). Every mode of MSAttention computes the KL (the dense warmup mode the
+    dense one), on empty input a zero.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` contains no MSA layer.
+        RuntimeError: no MSA layer of ``model`` holds a KL loss (call the model's forward
+            first, with autograd on or ``compute_kl=True``); rather than returning None,
+            which would break ``lam * kl``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, IndexBranchMixin)]
+    if not layers:
+        raise ValueError(
+            f"collect_kl_losses: model ({type(model).__name__}) has no MSA layers (openmsa."
+            f"MSAttention or attention converted with openmsa.integrations.transformers."
+            f"convert_to_msa), so there is no KL loss to collect")
+    losses = [m.kl_loss for m in layers if m.kl_loss is not None]
+    if not losses:
+        raise RuntimeError(
+            f"collect_kl_losses: none of the {len(layers)} MSA layers of model "
+            f"({type(model).__name__}) has computed a KL loss: call the model's forward first "
+            f"(converted transformers layers compute it only while autograd records, e.g. not "
+            f"under torch.no_grad(), unless compute_kl=True)")
+    dev = losses[0].device
+    return torch.stack([loss.float().to(dev) for loss in losses]).sum()
