@@ -1,5 +1,6 @@
 """Decode latency per layer on a GPU: openmsa's paged MSA decode against dense decode over
-the same cache (the code and its description: openmsa/bench/serving.py).
+the same cache, a request's query tokens folded into the query heads (one pass over the
+cache, as FlashInfer / FA3 pack GQA; the code and its description: openmsa/bench/serving.py).
 
     python benchmarks/bench_decode.py --out benchmarks/results/h100/decode
 """

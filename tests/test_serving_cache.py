@@ -322,6 +322,30 @@ def test_paged_cache_constructor():
             PagedMSACache(**full)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_paged_cache_bad_page_ids(backend):
+    """The cache's slot_mapping checks page ids against its num_pages: checked (CPU tensors)
+    it raises naming page_table; unchecked (the CUDA default) the token gets slot -1 and
+    the append leaves the pools alone for it."""
+    gen = torch.Generator().manual_seed(13)
+    cache = PagedMSACache(4, 4, 1, 4, 4, dtype=torch.float32)
+    table = i32([[1, 4], [-1, 2]])
+    starts, cu = i32([2, 0]), i32([0, 4, 5])
+    with pytest.raises(ValueError, match=re.escape("page_table[0, 1] = 4 (request 0, logical page 1")):
+        cache.slot_mapping(table, starts, cu)
+    with pytest.raises(ValueError, match=re.escape("page_table[1, 0] = -1")):
+        cache.slot_mapping(i32([[1, 3], [-1, 2]]), starts, cu)
+    slots = cache.slot_mapping(table, starts, cu, check=False)
+    assert slots.tolist() == [6, 7, -1, -1, -1]  # positions 2, 3 on page 1; page 4 and -1: none
+    k, v, ki = (torch.randn(5, 1, 4, generator=gen) for _ in range(3))
+    want = [x.clone() for x in (cache.k_cache, cache.v_cache, cache.ki_cache)]
+    for t, s in ((0, 6), (1, 7)):
+        want[0][s // 4, s % 4], want[1][s // 4, s % 4], want[2][s // 4, s % 4] = k[t], v[t], ki[t, 0]
+    cache.append(k, v, ki, slots, backend=backend)
+    for got, w in zip((cache.k_cache, cache.v_cache, cache.ki_cache), want):
+        assert torch.equal(got, w)
+
+
 def test_paged_cache_append_method_round_trip():
     """slot_mapping + append (Triton, interpreted) in a cache, then gather_paged returns
     exactly the packed tokens: a two-step (prefill, then decode) fill of shuffled pages."""

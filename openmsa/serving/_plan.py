@@ -74,3 +74,41 @@ def check_step_metadata(cu_seqlens_q, kv_lens, page_table, dtype, block_size, ma
             raise ValueError(f"kv_lens[{b}] = {kl} needs {-(-kl // block_size)} pages, "
                              f"page_table has {max_pages}")
     return cu, lens, qlens
+
+
+def check_page_ids(page_table, lens, block_size, num_pages=None):
+    """Every page id a request uses (its first ceil(kv_lens[b] / B) columns) must be >= 0,
+    and < ``num_pages`` when given. One device reduction and one small host read (plan()
+    syncs anyway). Returns ``(largest id used, its request, its column)`` (-1, -1, -1 when
+    no page is used) so that run(), which knows the pools, can check it without a sync."""
+    if num_pages is not None:
+        check_int("num_pages", num_pages)
+    batch, width = page_table.shape
+    if batch == 0 or width == 0:
+        return -1, -1, -1
+    dev = page_table.device
+    need = torch.tensor([-(-n // block_size) for n in lens], dtype=torch.int32).to(dev)
+    used = torch.arange(width, device=dev)[None, :] < need[:, None]
+    lo = torch.where(used, page_table, 2**31 - 1).flatten()
+    hi = torch.where(used, page_table, -1).flatten()
+    lo_v, lo_i, hi_v, hi_i = torch.stack([lo.min().long(), lo.argmin(), hi.max().long(), hi.argmax()]).tolist()
+    if lo_v < 0:
+        raise_bad_page(lo_i // width, lo_i % width, lo_v, lens[lo_i // width], block_size, num_pages)
+    if num_pages is not None and hi_v >= num_pages:
+        raise_bad_page(hi_i // width, hi_i % width, hi_v, lens[hi_i // width], block_size, num_pages)
+    return (hi_v, hi_i // width, hi_i % width) if hi_v >= 0 else (-1, -1, -1)
+
+
+def raise_bad_page(b, c, value, kv_len, block_size, num_pages, pool=None):
+    rng = f"[0, {num_pages})" if num_pages is not None else ">= 0"
+    where = f" (the pages of {pool})" if pool else ""
+    raise ValueError(f"page_table[{b}, {c}] = {value}: request {b} uses its first "
+                     f"{-(-kv_len // block_size)} page-table columns (kv_lens[{b}] = {kv_len}, page size "
+                     f"{block_size}), and every page id it uses must be a physical page in {rng}{where}")
+
+
+def check_planned_pages(plan, num_pages, pool, block_size):
+    """run()'s host-side check of the planned page ids against a pool's size (no sync)."""
+    top, b, c = plan["max_page"]
+    if top >= num_pages:
+        raise_bad_page(b, c, top, plan["lens"][b], block_size, num_pages, pool)

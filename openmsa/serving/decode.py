@@ -9,7 +9,10 @@
 (cached tokens per request, the new ones included: they were appended first, see
 ``openmsa.serving.cache``) and ``page_table`` int32 [batch, max_pages]. It reads the lengths
 on the host, picks the split counts, and allocates every buffer ``run()`` needs. One plan
-serves every layer of a step.
+serves every layer of a step. Page ids a request uses (its first ceil(kv_lens[b] / B)
+columns) must be in [0, num_pages): plan() raises on a negative one, and on one >=
+``num_pages`` when given that (optional) argument; run() raises on one past its pools
+(checked on the host against the ids plan() read: no sync).
 
 ``run()`` takes one layer's tensors: ``q [total_q, Hq, D]``, ``qi [total_q, Hkv, Di]`` and
 the pools ``k_cache, v_cache [num_pages, B, Hkv, D]``, ``ki_cache [num_pages, B, Di]``. It
@@ -17,7 +20,10 @@ allocates nothing, never synchronises with the host and can be captured in a CUD
 It returns the wrapper's own ``out [total_q, Hq, D]`` (and ``lse [total_q, Hq]`` float32
 with ``return_lse=True``) and ``topk_indices [Hkv, total_q, K]`` (logical block ids in the
 spec's deterministic order: score descending, ties to the smaller id, then the local
-block, then -1); the next ``run()`` overwrites them.
+block, then -1); the next ``run()`` overwrites them. The kernels never address memory
+through a page id outside [0, num_pages) (say, a bad id written into the planned page table
+behind plan()'s back): the index scan reads the id clamped into [0, num_pages) (page 0 or
+the last page), the attention gets no K/V tokens from it; other requests are unaffected.
 
 A captured ``run()`` stays valid when ``plan()`` is called again with the same batch size,
 the same total and maximum query count per request and the same page-table width: plan
@@ -36,7 +42,7 @@ import torch
 import triton
 
 from .. import _backend
-from ._plan import check_int, check_step_metadata, check_wrapper_config
+from ._plan import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
@@ -72,14 +78,16 @@ class MSADecodeWrapper:
     # ------------------------------------------------------------------ plan
     def plan(self, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
              *, dtype: torch.dtype = torch.bfloat16, index_splits: int | None = None,
-             attention_splits: int | None = None) -> None:
+             attention_splits: int | None = None, num_pages: int | None = None) -> None:
         """Request metadata of one step (see the module docstring); ``dtype`` is the dtype
         of q and of the output. ``index_splits`` (programs per request scanning its index
         keys, at most 1024) and ``attention_splits`` (programs per (query, group) sharing its
         K selected blocks, at most K) override the defaults, which aim at two programs per
-        SM."""
+        SM. ``num_pages``: the pools' page count, to check the page ids here rather than in
+        run() (a replayed graph runs no check)."""
         cu, lens, qlens = check_step_metadata(cu_seqlens_q, kv_lens, page_table, dtype,
                                               self.block_size, self.max_q_per_request)
+        max_page = check_page_ids(page_table, lens, self.block_size, num_pages)
         batch, device, max_pages = len(lens), page_table.device, page_table.shape[1]
         bs = self.block_size
         total_q = cu[-1]
@@ -133,6 +141,7 @@ class MSADecodeWrapper:
         p["row_pos"].copy_(torch.tensor(pos, dtype=torch.int32))
         p["pages_per_split"].fill_(max(1, -(-max_blocks // idx_splits)))
         p["scan"] = self._scan_config(rows)
+        p["lens"], p["max_page"] = lens, max_page
         self._plan = p
 
     # ------------------------------------------------------------------- run
@@ -174,6 +183,8 @@ class MSADecodeWrapper:
         if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
             raise TypeError(f"k_cache and v_cache must both have q's dtype ({q.dtype}) or both be "
                             f"{FP8}, got {k_cache.dtype} and {v_cache.dtype}")
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("ki_cache", ki_cache)):
+            check_planned_pages(p, x.shape[0], name, bs)
 
     def run(self, q, qi, k_cache, v_cache, ki_cache, *, return_lse: bool = False,
             ki_scale=None, k_scale: float | None = None, v_scale: float | None = None):
@@ -207,6 +218,7 @@ class MSADecodeWrapper:
         p = self._require_plan()
         self._check_tensor("qi", qi, (p["total_q"], self.num_kv_heads, self.index_head_dim))
         self._check_pool("ki_cache", ki_cache, (self.block_size, self.index_head_dim))
+        check_planned_pages(p, ki_cache.shape[0], "ki_cache", self.block_size)
         ki_scale = self._check_index_fp8(qi, ki_cache, ki_scale)
         return self._topk(qi, ki_cache, ki_scale)
 
@@ -261,7 +273,7 @@ class MSADecodeWrapper:
         kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
             qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
             ki_scale if ki_scale is not None else p["pages_per_split"],
-            self.index_softmax_scale, nsplit,
+            self.index_softmax_scale, nsplit, ki_cache.shape[0],
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
             ki_scale.stride(0) if ki_scale is not None else 0,
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
@@ -298,6 +310,7 @@ class MSADecodeWrapper:
             q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
             out, lse, p["part_o"], p["part_lse"],
             self.softmax_scale * k_scale * 1.4426950408889634, float(v_scale), -(-topk // asplit), asplit, hkv,
+            min(k_cache.shape[0], v_cache.shape[0]),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             topk_idx.stride(0), topk_idx.stride(1), p["page_table"].stride(0),

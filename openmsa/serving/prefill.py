@@ -19,6 +19,13 @@ the decode wrapper, ``run()`` allocates the schedule's scratch through PyTorch's
 allocator (the CSR depends on this layer's Top-k), which CUDA graphs capture from their
 private pool. The selected index LSE is not computed (serving has no KL).
 
+Page ids a request uses (its first ceil(kv_lens[b] / B) columns) must be in
+[0, num_pages): plan() raises on a negative one, and on one >= ``num_pages`` when given
+that (optional) argument; run() raises on one past its pools (a host check of the ids
+plan() read: no sync). The kernels (``openmsa.ops``) trust their page table, so run()
+clamps the planned table into [0, num_pages) on the device first (one tiny op): a bad id
+written behind plan()'s back then reads some other page of the pool, never out of it.
+
 For a few query tokens per request (decode, speculative drafts) use
 ``openmsa.serving.decode.MSADecodeWrapper``: it splits the index scan of long contexts
 across programs, which this query-tile kernel does not.
@@ -30,7 +37,7 @@ import torch
 
 from .. import _backend
 from .._validation import Varlen
-from ._plan import check_step_metadata, check_wrapper_config
+from ._plan import check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
 
 class MSAPrefillWrapper:
@@ -50,9 +57,12 @@ class MSAPrefillWrapper:
         self._plan = None
 
     def plan(self, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, page_table: torch.Tensor,
-             *, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Request metadata of one step; ``dtype`` is the dtype of q and of the output."""
+             *, dtype: torch.dtype = torch.bfloat16, num_pages: int | None = None) -> None:
+        """Request metadata of one step; ``dtype`` is the dtype of q and of the output;
+        ``num_pages``: the pools' page count, to check the page ids here rather than in
+        run() (a replayed graph runs no check)."""
         cu, lens, _ = check_step_metadata(cu_seqlens_q, kv_lens, page_table, dtype, self.block_size)
+        max_page = check_page_ids(page_table, lens, self.block_size, num_pages)
         device = page_table.device
         batch, total_q = len(lens), cu[-1]
         cu_k = torch.tensor([0] + torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
@@ -73,6 +83,7 @@ class MSAPrefillWrapper:
         # width so that a re-plan with the same shapes keeps a captured graph valid.
         p["num_blocks_bound"] = batch * page_table.shape[1] + 1
         p["varlen"] = Varlen(p["cu_q"], p["cu_k"], total_q, cu_k[-1].item())
+        p["lens"], p["max_page"] = lens, max_page
         self._plan = p
 
     def run(self, q, qi, k_cache, v_cache, ki_cache, *, return_lse: bool = False):
@@ -101,6 +112,12 @@ class MSAPrefillWrapper:
                             f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
         if qi.dtype != ki_cache.dtype:
             raise TypeError(f"qi and ki_cache must have the same dtype, got {qi.dtype} and {ki_cache.dtype}")
+        num_pages = min(k_cache.shape[0], v_cache.shape[0], ki_cache.shape[0])
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("ki_cache", ki_cache)):
+            check_planned_pages(p, x.shape[0], name, bs)
+        if p["total_q"] == 0:
+            return (p["out"], p["lse"], p["topk"]) if return_lse else (p["out"], p["topk"])
+        p["page_table"].clamp_(0, num_pages - 1)  # memory safety whatever the buffer holds
         indexer = _backend._load("openmsa.ops.indexer.triton_impl:indexer_topk_triton", p["device"])
         attention = _backend._load("openmsa.ops.attention.triton_impl:sparse_attention_forward", p["device"])
         topk_idx, _ = indexer(qi, ki_cache, p["varlen"], block_size=bs, topk=self.topk,
