@@ -1,4 +1,4 @@
-"""Dense warmup KL (spec section 6, ``indexer_kl_loss(..., topk_indices=None)``) on a GPU:
+"""Dense warmup KL (docs/spec.md section 6, ``indexer_kl_loss(..., topk_indices=None)``) on a GPU:
 the Triton path (the sparse KL kernels over chunks of 64 blocks, ``openmsa/ops/kl/dense.py``)
 against the PyTorch reference it replaces, loss + gradients w.r.t. qi and ki, the
 normalisers recomputed inside (as ``MSAttention``'s dense mode calls it).

@@ -1,5 +1,5 @@
 # Index Branch (Triton) on one GPU: bf16, Hkv=4, Di=128, B=128, K=16.
-# Useful FLOPs = 2 * Hkv * Di * (visible keys summed over queries)  (spec section 9).
+# Useful FLOPs = 2 * Hkv * Di * (visible keys summed over queries)  (docs/spec.md section 9).
 import itertools, torch, triton, openmsa
 from openmsa.ops.indexer import triton_impl
 

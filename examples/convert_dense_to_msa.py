@@ -3,7 +3,7 @@
     python examples/convert_dense_to_msa.py                 # tiny Llama, CPU, < 1 minute
     python examples/convert_dense_to_msa.py --model NAME    # a Llama/Qwen checkpoint by name
 
-Recipe (spec MSA.md sections 6-7; openmsa.integrations.transformers):
+Recipe (docs/spec.md sections 6-7; openmsa.integrations.transformers):
 
 0. Start from a dense GQA model. Here, without ``--model``, a tiny Llama is first trained
    for 150 steps (seconds on a CPU) on a copy task (each sequence is a random segment written twice),

@@ -1,6 +1,6 @@
 """openmsa: MiniMax Sparse Attention (MSA) for the GPUs people have.
 
-Public API (spec ``MSA.md`` section 10): :func:`indexer_topk`, :func:`sparse_attention`,
+Public API (``docs/spec.md`` section 10): :func:`indexer_topk`, :func:`sparse_attention`,
 :func:`indexer_kl_loss`, :func:`msa_attention`, and the :class:`MSAttention` layer, with
 :func:`collect_kl_losses` (the KL of every MSA layer of a model, converted transformers
 layers included: ``loss = lm_loss + lam * openmsa.collect_kl_losses(model)``).

@@ -1,4 +1,4 @@
-"""Backend selection: "auto" | "triton" | "reference" (spec section 10).
+"""Backend selection: "auto" | "triton" | "reference" (docs/spec.md section 10).
 
 "auto" picks the Triton kernels for CUDA tensors when the op has them and the
 PyTorch reference otherwise. "triton" on CPU tensors runs the kernels under

@@ -1,4 +1,4 @@
-"""Argument validation for the public API (spec section 10).
+"""Argument validation for the public API (docs/spec.md section 10).
 
 Every public function validates *all* of its arguments here before doing any work,
 so that bad input fails fast with a message that names the argument and says what
@@ -134,7 +134,7 @@ def check_backend(backend) -> str:
 
 @dataclass(frozen=True)
 class Varlen:
-    """Host-side view of the packed layout (spec section 3).
+    """Host-side view of the packed layout (docs/spec.md section 3).
 
     ``cu_seqlens_q``/``cu_seqlens_k`` are int32 tensors on the inputs' device: the
     caller's, or their sanitised copies where the values were not checked. The host

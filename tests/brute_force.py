@@ -1,9 +1,9 @@
-"""Brute-force MSA, written from the spec text (MSA.md sections 3-6) only.
+"""Brute-force MSA, written from the spec text (docs/spec.md sections 3-6) only.
 
 Independent of openmsa (imports nothing from it). Per-query Python loops in float64,
 meant for tiny inputs: simple and obviously correct rather than fast.
 
-Conventions (spec section 3):
+Conventions (docs/spec.md section 3):
 - packed layout: q [total_q, Hq, D], k, v [total_k, Hkv, D], qi [total_q, Hkv, Di],
   ki [total_k, 1, Di]; cu_q, cu_k int [nseq + 1] (tensor or list).
 - sequence b: Lq = cu_q[b+1] - cu_q[b], Lk = cu_k[b+1] - cu_k[b]; local query i sits at
@@ -46,7 +46,7 @@ def query_rows(cu_q, cu_k):
 
 
 def bf_token_set(topk_row, p: int, lk: int, block_size: int) -> list:
-    """T(t, g) of spec section 5 as a sorted list of LOCAL key positions.
+    """T(t, g) of docs/spec.md section 5 as a sorted list of LOCAL key positions.
 
     topk_row: the K block ids of one (g, t); None means every block (dense: all visible keys).
     Ids that are -1 (any negative) or >= the block count are ignored; duplicates count once;
@@ -81,7 +81,7 @@ def bf_all_blocks_indices(cu_q, cu_k, hkv: int, block_size: int, width: int | No
 
 
 # ------------------------------------------------------------------------------------
-# Index Branch (spec section 4)
+# Index Branch (docs/spec.md section 4)
 # ------------------------------------------------------------------------------------
 
 def bf_index_scores(qi_row, ki_seq, p: int, scale: float):
@@ -163,7 +163,7 @@ def bf_block_scores_matrix(qi, ki, cu_q, cu_k, block_size: int, scale: float):
 
 
 # ------------------------------------------------------------------------------------
-# Main Branch (spec section 5)
+# Main Branch (docs/spec.md section 5)
 # ------------------------------------------------------------------------------------
 
 def bf_sparse_attention(q, k, v, indices, cu_q, cu_k, block_size: int, scale: float):
@@ -224,7 +224,7 @@ def bf_dense_masked_attention(q, k, v, cu_q, cu_k, scale: float):
 
 
 # ------------------------------------------------------------------------------------
-# Sparse KL (spec section 6)
+# Sparse KL (docs/spec.md section 6)
 # ------------------------------------------------------------------------------------
 
 def _kl_terms(q, k, qi, ki, indices, cu_q, cu_k, block_size, scale, scale_i):

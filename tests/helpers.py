@@ -78,7 +78,7 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
 def block_scores64(qi, ki, cu_q, cu_k, block_size, scale, rows_per_chunk=512):
-    """float64 Index Branch block scores of spec section 4 and their rounding scale.
+    """float64 Index Branch block scores of docs/spec.md section 4 and their rounding scale.
 
     Returns ``scores [Hkv, total_q, max_blocks]`` (block max of scale * <qi, ki> over the
     visible keys; -inf for blocks with no visible key; NaN scores as -inf, since NaN ranks

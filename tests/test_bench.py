@@ -1,4 +1,4 @@
-"""The cost model of spec section 9 and the CPU path of `openmsa bench`."""
+"""The cost model of docs/spec.md section 9 and the CPU path of `openmsa bench`."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Triton Index Branch (openmsa/ops/indexer) against the PyTorch reference (spec MSA.md §4).
+"""Triton Index Branch (openmsa/ops/indexer) against the PyTorch reference (docs/spec.md section 4).
 
 On a CPU the kernel runs under Triton's interpreter: small packs, float16/float32 only
 (the interpreter's bfloat16 dot is wrong). Index inputs are dyadic (small multiples of
@@ -60,7 +60,7 @@ def make_inputs(pack, hkv, di, dtype, gen):
 
 
 def as_sets(idx):
-    """Rows with the non-local (selected earlier) entries sorted: the set view of §3."""
+    """Rows with the non-local (selected earlier) entries sorted: the set view of docs/spec.md section 3."""
     n_sel = (idx >= 0).sum(-1, keepdim=True) - 1
     col = torch.arange(idx.shape[-1], device=idx.device)
     head = torch.where(col < n_sel, idx, torch.iinfo(torch.int32).max).sort(-1).values

@@ -1,4 +1,4 @@
-"""MSAttention (spec MSA.md section 7): the layer in both modes, checked against an
+"""MSAttention (docs/spec.md section 7): the layer in both modes, checked against an
 independent plain-PyTorch GQA attention layer (SDPA, own RMSNorm, own NeoX RoPE), its
 batched/packed forms, the gradient routing of the KL, collect_kl_losses, positions,
 constructor validation, and a short index-only training run.
@@ -94,7 +94,7 @@ def rms_ref(x, weight, eps):
 
 def reference_layer(m: MSAttention, x: torch.Tensor, pos: torch.Tensor | None = None,
                     eps: float = 1e-6):
-    """Dense causal GQA attention layer + dense KL (spec section 6 warmup) from m's
+    """Dense causal GQA attention layer + dense KL (docs/spec.md section 6 warmup) from m's
     weights. x [B, L, hidden]. Returns (out [B, L, hidden], kl scalar)."""
     b, n, _ = x.shape
     d, di = m.head_dim, m.index_head_dim

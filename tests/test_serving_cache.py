@@ -1,4 +1,4 @@
-"""Paged KV + index-key cache (spec section 8): slot mapping, the append op (Triton under
+"""Paged KV + index-key cache (docs/spec.md section 8): slot mapping, the append op (Triton under
 the interpreter on CPU, and its reference), gather_paged, and the paged references
 against the non-paged reference ops on the same data.
 

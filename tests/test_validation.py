@@ -1,9 +1,9 @@
-"""Argument validation of the four public functions (spec MSA.md section 10).
+"""Argument validation of the four public functions (docs/spec.md section 10).
 
 Every bad input must raise ValueError (or TypeError) whose message names the offending
 argument, before any work is done and without modifying any input. Each case below is
 run against every function that takes the argument(s) it corrupts, on the packed varlen
-layout of spec section 3 (the batched form has its own checks in test_batched.py).
+layout of docs/spec.md section 3 (the batched form has its own checks in test_batched.py).
 
 "Nothing is computed" is checked two ways: the reference implementations called by
 openmsa.api are wrapped by spies that must stay silent, and with backend="triton"

@@ -146,7 +146,7 @@ def block_recall_stats(q, k, idx, block_size: int, answer_rows=None, value_pos=N
     blocks by the true group-mean attention mass of q [L, Hq, D], k [L, Hkv, D] (one
     causal sequence). Chunked over query rows; plain float32 torch.
 
-    MSA always keeps the query's local block (spec section 4), so the indexer chooses only
+    MSA always keeps the query's local block (docs/spec.md section 4), so the indexer chooses only
     K - 1 blocks; when the local block is not among the K heaviest, no selection reaches
     mass recall 1. ``local_oracle_recall`` is that ceiling: the mass of the best selection
     that holds the local block (the local block + the K - 1 heaviest others) over the top-K

@@ -7,7 +7,7 @@ Attention variants (``ModelConfig.attn``), all GQA with the same projections and
   "window" causal sliding window of ``window`` tokens (default topk * block_size: the same
            per-query token budget as MSA), plain torch, O(L * window).
   "msa"    ``openmsa.MSAttention``: Index Branch picks ``topk`` blocks of ``block_size``
-           tokens per query and KV group, the Main Branch attends to them (spec section 7).
+           tokens per query and KV group, the Main Branch attends to them (docs/spec.md section 7).
 
 The dense and window layers name their parameters like MSAttention (q_proj, k_proj,
 v_proj, o_proj) and rotate q, k with openmsa's own RoPE functions (NeoX half split, the

@@ -10,7 +10,7 @@ Variants (README.md has the full story):
   msa_native     MSA from scratch: the first --warmup-steps in MSA "dense" mode (full
                  attention, KL over all visible tokens), then sparse; every step trains
                  loss = answer CE + kl_weight * KL (the KL reaches only the index projections,
-                 the CE everything else: spec sections 6-7).
+                 the CE everything else: docs/spec.md sections 6-7).
   msa_converted  the trained dense checkpoint (--init) loaded into an MSA model (same q/k/v/o
                  and MLP weights, index projections added), then --warmup-steps of index
                  warmup (dense mode, backbone frozen, loss = KL, only the index learns), then
@@ -130,7 +130,7 @@ def parse_args(argv=None):
                         "--train-len with K = --warmup-wide-topk (backbone frozen, loss = KL)")
     g.add_argument("--warmup-wide-topk", type=int, default=64,
                    help="K of those steps; 0: dense mode instead (the KL over every visible "
-                        "token, spec section 6's warmup; on a GPU through the KL kernels, "
+                        "token, docs/spec.md section 6's warmup; on a GPU through the KL kernels, "
                         "64 blocks at a time)")
     g.add_argument("--warmup-wide-tokens", type=int, default=None,
                    help="tokens per step of those steps (default --tokens-per-step)")

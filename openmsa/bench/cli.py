@@ -1,6 +1,6 @@
 """``openmsa bench``: the project's main job.
 
-Prints the cost model of spec section 9 for contexts 8K..1M. On a GPU it then runs
+Prints the cost model of docs/spec.md section 9 for contexts 8K..1M. On a GPU it then runs
 the kernel benchmark (openmsa/bench/training.py: indexer, sparse attention fwd and
 fwd+bwd, KL, against cuDNN SDPA and FlexAttention; extra arguments such as
 ``--contexts 8192 32768 --pack`` pass through). On a CPU it times the PyTorch
@@ -33,7 +33,7 @@ def _fmt_ctx(n: int) -> str:
 def print_cost_table(cfg: MSAConfig, out=None) -> list[dict]:
     out = out or sys.stdout
     rows = cost_table(CONTEXTS, cfg)
-    print(f"Cost model (spec section 9), {config_dict(cfg)}", file=out)
+    print(f"Cost model (docs/spec.md section 9), {config_dict(cfg)}", file=out)
     print("| context | dense TFLOP | MSA TFLOP (index + main) | dense / MSA |", file=out)
     print("|---|---|---|---|", file=out)
     for r in rows:

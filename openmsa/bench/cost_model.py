@@ -1,4 +1,4 @@
-"""The FLOP cost model of spec section 9 (useful work only, causal average).
+"""The FLOP cost model of docs/spec.md section 9 (useful work only, causal average).
 
 Per query token at context N:
     dense attention      2 * Hq * D * N          (N/2 visible keys, QK^T and PV)

@@ -19,13 +19,13 @@ Usage::
     loss = out.loss + lam * collect_kl_losses(model)
     model.generate(input_ids, max_new_tokens=32)   # index keys are cached per layer
 
-What conversion does (spec sections 6-8). Each chosen layer's attention module is replaced
+What conversion does (docs/spec.md sections 6-8). Each chosen layer's attention module is replaced
 by an :class:`MSAHFAttention` that takes over the original submodules under the same
 names (so the checkpoint keys ``...self_attn.q_proj.weight`` etc. are unchanged) and adds
 
     qi_proj: hidden -> Hkv * Di,  ki_proj: hidden -> Di   (+ qi_norm / ki_norm)
 
-The index branch reads a *detached* copy of the layer input (stop-gradient, spec section 6),
+The index branch reads a *detached* copy of the layer input (stop-gradient, docs/spec.md section 6),
 so the language-model loss never reaches the index projections and the KL reaches nothing
 else. qi, ki get the model's own RoPE (its ``apply_rotary_pos_emb`` with the ``cos, sin`` the
 model computed, so RoPE scaling variants carry over) on their first ``rotary_dim`` channels,
@@ -267,7 +267,7 @@ def _check_attention_mask(mask, q_len: int, kv_len: int) -> None:
 
 
 class MSAHFAttention(IndexBranchMixin, nn.Module):
-    """MSA replacement of a Llama/Qwen-style transformers attention module (spec section 7).
+    """MSA replacement of a Llama/Qwen-style transformers attention module (docs/spec.md section 7).
 
     Built by :func:`convert_to_msa` from the original module ``attn``: it takes over
     ``q_proj, k_proj, v_proj, o_proj`` (and ``q_norm, k_norm``) under the same names and

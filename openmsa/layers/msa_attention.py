@@ -1,4 +1,4 @@
-"""MSAttention: a MiniMax-M3 style attention layer with MSA (spec section 7).
+"""MSAttention: a MiniMax-M3 style attention layer with MSA (docs/spec.md section 7).
 
     q, k, v = x Wq, x Wk, x Wv           (optional per-head RMSNorm on q, k)
     qi, ki  = sg(x) Wqi, sg(x) Wki       (Hkv index heads, one shared index key head)
@@ -41,7 +41,7 @@ def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_di
     three MSA stages at these shapes with it; else None.
 
     With that K every query selects all of its visible blocks, so sparse mode *is* dense
-    attention with the dense KL (spec section 6, warmup), exactly; dense mode then runs
+    attention with the dense KL (docs/spec.md section 6, warmup), exactly; dense mode then runs
     all of it through the sparse kernels in one call, as long as the blocks fit the
     kernels' K (64: 4K tokens at B = 64, 8K at B = 128). Beyond, the Main Branch runs on
     torch SDPA and the dense KL through the same KL kernels a chunk of 64 blocks at a time
@@ -86,7 +86,7 @@ def check_input_dtype(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
 
 class IndexBranchMixin:
     """What every MSA attention module shares (openmsa's MSAttention, the transformers
-    integration's MSAHFAttention): the mode ("sparse", or "dense" for the warmup of spec
+    integration's MSAHFAttention): the mode ("sparse", or "dense" for the warmup of docs/spec.md
     section 6), the index-branch parameters (qi_proj, ki_proj, qi_norm, ki_norm) and
     ``kl_loss``, the unscaled KL of the module's last forward (None when it computed none).
 

@@ -2,7 +2,7 @@
 
 Only the first ``rotary_dim`` channels of each head rotate; the rest pass through
 (partial RoPE). The same function serves q, k and the index branch's qi, ki, as
-spec section 7 asks.
+docs/spec.md section 7 asks.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def from_blocks(xb: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 
 
 def selected_blocks(topk_rows: torch.Tensor, meta: RowMeta, layout: BlockLayout, rows: slice):
-    """Global block ids and token mask of the selected blocks, spec section 5.
+    """Global block ids and token mask of the selected blocks, docs/spec.md section 5.
 
     topk_rows: int32 [Hkv, R, K] block ids of the rows ``rows``.
     Returns (gid [Hkv, R, K] into the blocked layout, the dummy block where a slot is

@@ -1,4 +1,4 @@
-"""Serving building blocks (spec section 8): the paged KV + index-key cache, the append
+"""Serving building blocks (docs/spec.md section 8): the paged KV + index-key cache, the append
 op that writes a step's new tokens into it, and exact paged references.
 
 Layout (see ``cache.py``): page size = block size B; ``k_cache, v_cache

@@ -1,9 +1,9 @@
-"""Paged KV + index-key cache for serving (spec section 8), and its append op.
+"""Paged KV + index-key cache for serving (docs/spec.md section 8), and its append op.
 
 Layout (fixed; the serving kernels read exactly this):
 
 - Page size = block size ``B`` (default 128): logical page ``p`` of a request holds its
-  tokens ``[p*B, (p+1)*B)``, i.e. key block ``p`` of spec section 3. ``topk_indices``
+  tokens ``[p*B, (p+1)*B)``, i.e. key block ``p`` of docs/spec.md section 3. ``topk_indices``
   therefore hold LOGICAL page ids, which are the non-paged block ids of the request.
 - Pools, vLLM / FlashInfer "NHD" layout, one set per layer:
   ``k_cache, v_cache [num_pages, page_size, Hkv, D]`` and

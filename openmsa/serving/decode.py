@@ -1,4 +1,4 @@
-"""Paged MSA decode with a FlashInfer-style lifecycle (spec section 8).
+"""Paged MSA decode with a FlashInfer-style lifecycle (docs/spec.md section 8).
 
     wrapper = MSADecodeWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_head_dim=128)
     wrapper.plan(cu_seqlens_q, kv_lens, page_table)   # request metadata; may allocate / sync
@@ -30,7 +30,7 @@ the same total and maximum query count per request and the same page-table width
 then only copies the new metadata into the buffers the graph reads.
 
 Query token i of request b sits at position kv_lens[b] - Lq_b + i (bottom-right causal,
-as everywhere in openmsa). The Index Branch is exact (same ranking as the reference, spec
+as everywhere in openmsa). The Index Branch is exact (same ranking as the reference, docs/spec.md
 section 4); serving needs no index LSE, so none is computed.
 """
 

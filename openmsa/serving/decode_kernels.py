@@ -1,4 +1,4 @@
-"""Triton kernels of paged MSA decode (spec sections 4, 5, 8): few query tokens per
+"""Triton kernels of paged MSA decode (docs/spec.md sections 4, 5, 8): few query tokens per
 request (1 to 16: the main token plus draft tokens, each at its own causal position)
 against a long paged cache.
 

@@ -1,4 +1,4 @@
-"""Chunked prefill over a paged cache (spec section 8), FlashInfer-style plan/run.
+"""Chunked prefill over a paged cache (docs/spec.md section 8), FlashInfer-style plan/run.
 
     wrapper = MSAPrefillWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_head_dim=128)
     wrapper.plan(cu_seqlens_q, kv_lens, page_table)   # request metadata; may allocate / sync

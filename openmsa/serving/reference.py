@@ -1,6 +1,6 @@
-"""Exact paged references for serving (spec section 8).
+"""Exact paged references for serving (docs/spec.md section 8).
 
-Each function gathers every request's pages into the packed, contiguous layout of spec
+Each function gathers every request's pages into the packed, contiguous layout of docs/spec.md
 section 3 and calls the existing reference ops (``indexer_topk`` / ``sparse_attention``
 with ``backend="reference"``): no attention math is reimplemented here, so a paged
 kernel that matches these matches the non-paged contract.
@@ -12,7 +12,7 @@ Conventions (see ``cache.py`` for the pool layout):
   positions ``kv_lens[b] - Lq_b .. kv_lens[b] - 1`` (bottom-right causal). Lq_b = 0 is
   allowed; Lq_b > kv_lens[b] is an error.
 - ``block_size`` is the page size (it may be left as None, or given as a check), and
-  ``topk_indices`` hold LOGICAL page ids, i.e. the request-local block ids of spec
+  ``topk_indices`` hold LOGICAL page ids, i.e. the request-local block ids of docs/spec.md
   section 3 (never physical pages).
 
 These are references: they read lengths and page ids on the host (a sync on CUDA) and
@@ -122,7 +122,7 @@ def _check_queries(cu_seqlens_q, kv_lens, batch: int, total_q: int, qname: str) 
 def paged_indexer_topk_reference(qi, ki_cache, page_table, kv_lens, cu_seqlens_q, *,
                                  block_size=None, topk=16, softmax_scale=None,
                                  deterministic=False):
-    """Index Branch over the paged index keys (spec sections 4 and 8).
+    """Index Branch over the paged index keys (docs/spec.md sections 4 and 8).
 
     qi ``[total_q, Hkv, Di]``; ki_cache ``[num_pages, page_size, Di]``. Returns
     ``topk_indices`` int32 ``[Hkv, total_q, topk]`` (LOGICAL page ids, -1 padded) and
@@ -163,7 +163,7 @@ def _check_q_side(q, k_cache, v_cache):
 
 def paged_sparse_attention_reference(q, k_cache, v_cache, topk_indices, page_table, kv_lens,
                                      cu_seqlens_q, *, block_size=None, softmax_scale=None):
-    """Main Branch over the paged K, V (spec sections 5 and 8).
+    """Main Branch over the paged K, V (docs/spec.md sections 5 and 8).
 
     q ``[total_q, Hq, D]``; k_cache, v_cache ``[num_pages, page_size, Hkv, D]``;
     topk_indices int32 ``[Hkv, total_q, K]`` LOGICAL page ids (None: dense causal

@@ -1,4 +1,4 @@
-"""Triton kernels of the Index Branch (spec MSA.md section 4).
+"""Triton kernels of the Index Branch (docs/spec.md section 4).
 
 One program per (query tile, KV group g): BLOCK_M consecutive query rows of ONE
 sequence. The program

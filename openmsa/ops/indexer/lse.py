@@ -1,4 +1,4 @@
-"""Selected index LSE (spec section 4) computed KV-outer, after the Top-k.
+"""Selected index LSE (docs/spec.md section 4) computed KV-outer, after the Top-k.
 
 index_lse[g, t] = logsumexp of z_g(t, j) over the visible tokens of t's selected
 blocks. The indexer kernel can compute it itself by walking, per query tile, the

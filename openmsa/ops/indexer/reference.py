@@ -1,4 +1,4 @@
-"""PyTorch reference of the Index Branch (spec section 4).
+"""PyTorch reference of the Index Branch (docs/spec.md section 4).
 
 For each sequence and chunk of its queries: index scores z = scale_i * <qi, ki>
 (float32 accumulation), causal block max, exp-free Top-(K-1) of the earlier blocks

@@ -1,4 +1,4 @@
-"""Launcher of the Triton Index Branch kernel (spec MSA.md section 4; kernels.py).
+"""Launcher of the Triton Index Branch kernel (docs/spec.md section 4; kernels.py).
 
 Takes the packed, validated arguments of ``openmsa.indexer_topk`` and never reads
 cu_seqlens values on the host: the per-sequence tile counts and their cumsum are torch
@@ -44,7 +44,7 @@ TUNING = {
     256: (64, 8, 2),
 }
 # float32 inputs use an exact ("ieee") dot on CUDA cores: the tensor-core sized tiles
-# above spill heavily there, so a small tile (not a production dtype; spec section 10).
+# above spill heavily there, so a small tile (not a production dtype; docs/spec.md section 10).
 TUNING_FP32 = (32, 8, 2)
 # topk > 32 (KPAD = 64 int64 slots per row): halve the tile to stay free of spills.
 MAX_BLOCK_M_LARGE_TOPK = 64

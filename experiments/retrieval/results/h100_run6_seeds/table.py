@@ -107,7 +107,7 @@ def main():
     print("\n### Block max (the spec) against block sum, converted, 16K\n")
     print("`analysis/group_mass.py` on the converted checkpoint after the sparse phase: one 16K "
           "sequence, every 7th row past K blocks; the same index, its blocks ranked by the max "
-          "of their scores (spec section 4) or by the sum of its softmax over the block.\n")
+          "of their scores (docs/spec.md section 4) or by the sum of its softmax over the block.\n")
     print("| run | seed | block max, layers 0-3 | mean | block sum, layers 0-3 | mean |")
     print("|---|---|---|---|---|---|")
     files = [("5", "2 (3000 sparse steps)", R5 / "group_mass_s2_converted.txt")] + [
