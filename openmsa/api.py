@@ -119,7 +119,7 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
 
 
 def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
-                     block_size=128, softmax_scale=None, backend="auto"):
+                     block_size=128, softmax_scale=None, deterministic=False, backend="auto"):
     """Main Branch (spec section 5): exact attention over the selected blocks.
 
     Args:
@@ -128,13 +128,29 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
             ignored, duplicates count once. ``None`` attends to every visible token
             (dense causal attention, the warmup phase of spec section 6).
         softmax_scale: default ``D ** -0.5``.
+        deterministic: a bitwise-repeatable backward. The Triton kernels then add the dk,
+            dv sums of a key block that is split over several programs (a block many
+            queries select) in a fixed order instead of with float atomics, through
+            scratch inside their partial budget (about 1/8 of the dq partials). The forward
+            and dq are deterministic either way. The reference backend is deterministic on
+            CPU tensors; on CUDA tensors its scatter-adds are those of ``index_add_``.
     Returns:
         ``out`` like q (differentiable w.r.t. q, k, v) and ``lse`` float32 ``[total_q, Hq]``
         (not differentiable). A query with no selected visible token gets out = 0 and
         lse = -inf.
+
+    Non-finite inputs, the same on every backend: IEEE arithmetic of the math, as SDPA
+    does. Row (t, h) is NaN (every entry of out[t, h], and lse[t, h]) when a token j of
+    T(t, g) has a NaN or +inf score s(h, j), or a non-finite v[j, g] (whatever its weight:
+    0 * NaN = NaN). A score of -inf gives its token weight 0 (exp(-inf) = 0); a row whose
+    scores are all -inf is like an empty T (out 0, lse -inf). Tokens outside T(t, g) never
+    reach row (t, h). The backward does not fail on non-finite values: gradients they
+    reach are NaN, and through zero weights (0 * NaN) NaN may also reach the gradients of
+    rows that share a key block with them.
     """
     backend = V.check_backend(backend)
     block_size = V.check_positive_int("block_size", block_size)
+    V.check_bool("deterministic", deterministic)
     (q,), (k, v), cu_q, cu_k, batched = _packed([("q", q)], [("k", k), ("v", v)],
                                                  cu_seqlens_q, cu_seqlens_k)
     V.check_qkv(q, k, v)
@@ -151,14 +167,14 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
         out, lse = sparse_attention_reference(q, k, v, topk_indices, varlen.cu_q, varlen.cu_k,
                                               block_size=block_size, scale=scale)
     else:
-        out, lse = triton_op(op)(q, k, v, topk_indices, varlen,
-                                                  block_size=block_size, scale=scale)
+        out, lse = triton_op(op)(q, k, v, topk_indices, varlen, block_size=block_size,
+                                 scale=scale, deterministic=deterministic)
     return _unflatten_rows(out, batched, 0), _unflatten_rows(lse, batched, 0)
 
 
 def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
                     block_size=128, softmax_scale=None, index_softmax_scale=None, coeff=1.0,
-                    lse=None, index_lse=None, backend="auto"):
+                    lse=None, index_lse=None, deterministic=False, backend="auto"):
     """Sparse KL of spec section 6: a scalar, differentiable w.r.t. qi and ki only.
 
     The teacher is the group-mean of the Main Branch softmax on T (q, k are detached);
@@ -166,10 +182,28 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     (``[Hkv, total_q]``) from ``sparse_attention`` / ``indexer_topk`` are reused when
     given, else recomputed. ``topk_indices=None`` takes T = all visible tokens (the
     dense warmup phase of spec section 6).
+
+    ``deterministic``: bitwise-repeatable gradients. The Triton kernels then sum the dki
+    of a key block over programs and groups in a fixed order instead of with float
+    atomics, through per-group float32 accumulators (Hkv x total_k x Di x 4 bytes during
+    the forward, 2 GB at 1M tokens with the defaults) and scratch inside their partial
+    budget. The loss and dqi are deterministic either way.
+
+    Non-finite inputs, the same on every backend: IEEE arithmetic of the math, where the
+    term of a token with P_T(j) = 0 is 0 (0 log 0 = 0) and the normalisers are
+    max + log(sum(exp(. - max))). So the KL of (t, g) is NaN when a head of group g of row
+    t has a NaN or +inf main score on T (the teacher's LSE is NaN; so too when a given
+    ``lse`` is NaN there, e.g. from a row ``sparse_attention`` made NaN through v), or the
+    index score is NaN at a token with P_T(j) != 0, or the index LSE is NaN (recomputed:
+    a NaN or +inf index score on T); it is +inf when the student gives 0 (index score
+    -inf) to a token with P_T(j) > 0. The loss is NaN as soon as one (t, g) is, and is
+    unaffected by values that reach no (t, g). The backward does not fail on non-finite
+    values; their gradients are NaN (and may reach other rows sharing a key block).
     """
     backend = V.check_backend(backend)
     block_size = V.check_positive_int("block_size", block_size)
     coeff = V.check_finite_float("coeff", coeff)
+    V.check_bool("deterministic", deterministic)
     (q, qi), (k, ki), cu_q, cu_k, batched = _packed([("q", q), ("qi", qi)], [("k", k), ("ki", ki)],
                                                      cu_seqlens_q, cu_seqlens_k)
     V.check_qkv(q, k, k)
@@ -198,7 +232,7 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
                                     coeff=coeff, lse=lse, index_lse=index_lse)
     return triton_op("indexer_kl_loss")(q, k, qi, ki, topk_indices, varlen, block_size=block_size,
                                          scale=scale, scale_i=scale_i, coeff=coeff, lse=lse,
-                                         index_lse=index_lse)
+                                         index_lse=index_lse, deterministic=deterministic)
 
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128,
@@ -208,6 +242,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
 
     Returns ``(out, kl_loss, topk_indices)``: out like q (differentiable w.r.t. q, k, v),
     the unscaled KL (coeff 1; differentiable w.r.t. qi, ki only) and the indices.
+    ``deterministic``: the indices in the deterministic order of ``indexer_topk`` and the
+    bitwise-repeatable backward of ``sparse_attention`` and ``indexer_kl_loss`` (their
+    ``deterministic`` option). Non-finite inputs: the rules of those functions.
     """
     backend = V.check_backend(backend)
     # Validate everything up front, including what only the later stages read.
@@ -232,8 +269,9 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     kw = dict(block_size=block_size, backend=backend)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic, **kw)
-    out, lse = sparse_attention(q_p, k_p, v_p, idx, cu_q, cu_k, softmax_scale=softmax_scale, **kw)
+    out, lse = sparse_attention(q_p, k_p, v_p, idx, cu_q, cu_k, softmax_scale=softmax_scale,
+                                deterministic=deterministic, **kw)
     kl = indexer_kl_loss(q_p.detach(), k_p.detach(), qi_p, ki_p, idx, cu_q, cu_k,
                          softmax_scale=softmax_scale, index_softmax_scale=index_softmax_scale,
-                         lse=lse, index_lse=index_lse, **kw)
+                         lse=lse, index_lse=index_lse, deterministic=deterministic, **kw)
     return _unflatten_rows(out, batched, 0), kl, _unflatten_rows(idx, batched, 1)

@@ -268,3 +268,222 @@ def test_gpu_msa_attention_forward_backward_in_a_cuda_graph():
     want = (out, kl, *[x.grad for x in eager])
     for a, b in zip(got, want):
         assert rel(a, b) <= 1e-3  # same kernels; dK/dV/dki atomics reorder float sums
+
+
+# --------------------------------------------------------------------------- deterministic
+
+
+def _hot_block_case(gen, dtype=torch.float32):
+    """Block 0 of the first sequence selected by every row of it (slot 0), beside the
+    Index Branch's choice: with 4-entry segments (see the knobs below) it is cut into
+    many segments, whose dK/dV would meet in float atomics."""
+    lens_q, lens_k, block = [60, 20], [80, 20], 16
+    q, k, v, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, dtype, gen)
+    idx = indices_for(lens_q, lens_k, 2, block, 3, gen)
+    idx[:, :60, 0] = 0
+    return q, k, v, cu_q, cu_k, idx, block
+
+
+def _small_segments(monkeypatch):
+    monkeypatch.setenv("OPENMSA_BWD_TILE_ROWS", "16")  # 4 tokens x G_PAD = 4 heads
+    monkeypatch.setenv("OPENMSA_BWD_SEGMENT_TILES", "1")  # 4 entries per segment
+    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", str(1 << 19))  # query rows in 3 chunks
+
+
+def _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, deterministic):
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out, _ = openmsa.sparse_attention(qq, kk, vv, idx, cu_q, cu_k, block_size=block,
+                                      deterministic=deterministic, backend="triton")
+    out.backward(dout)
+    return qq.grad, kk.grad, vv.grad
+
+
+@pytest.mark.parametrize("split,launch", [("0", "interleaved"), ("1", "interleaved"),
+                                          ("1", "separate")])
+def test_deterministic_backward_hot_block(split, launch, monkeypatch):
+    """deterministic=True: the segments of a hot block write their dK/dV sums to scratch
+    slots, added in a fixed order (no atomics between programs). Two backward passes are
+    bitwise equal and match the reference; the schedule really cuts the hot block (so the
+    default path would race on a GPU; the interpreter runs programs one by one, so only
+    the GPU test below can show the default path differ)."""
+    from openmsa.ops.attention.schedule import build_schedule, row_info
+    _small_segments(monkeypatch)
+    monkeypatch.setenv("OPENMSA_BWD_SPLIT", split)
+    monkeypatch.setenv("OPENMSA_BWD_LAUNCH", launch)
+    gen = torch.Generator().manual_seed(900)
+    q, k, v, cu_q, cu_k, idx, block = _hot_block_case(gen)
+    info = row_info(cu_q, cu_k, q.shape[0], k.shape[0], block)
+    sched = build_schedule(idx[:, :30], 0, info, block, 4, deterministic=True)
+    assert sched.reduce_count.max() >= 5  # a group cut into >= 5 segments in one chunk
+    dout = torch.randn(q.shape, generator=gen).to(DEV)
+    first = _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, True)
+    second = _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, True)
+    want = _grads(q, k, v, idx, cu_q, cu_k, block, "reference", dout)
+    default = _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, False)
+    for name, a, b, c, d in zip(("dq", "dk", "dv"), first, second, want, default):
+        assert torch.equal(a, b), name
+        assert rel(a, c) <= 1e-5, name
+        assert rel(a, d) <= 1e-6, name
+
+
+def test_deterministic_backward_float16_and_dense(monkeypatch):
+    """deterministic=True in float16 (sparse) and on the dense path (topk_indices=None,
+    chunks of 2 blocks): bitwise-repeatable, reference tolerances."""
+    from openmsa.ops.attention import dense
+    _small_segments(monkeypatch)
+    monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", 2)
+    gen = torch.Generator().manual_seed(901)
+    for dtype, use_idx in ((torch.float16, True), (torch.float32, False)):
+        q, k, v, cu_q, cu_k, idx, block = _hot_block_case(gen, dtype)
+        idx = idx if use_idx else None
+        dout = torch.randn(q.shape, generator=gen).to(DEV, dtype)
+        first = _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, True)
+        second = _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, True)
+        want = _grads(q, k, v, idx, cu_q, cu_k, block, "reference", dout)
+        for name, a, b, c in zip(("dq", "dk", "dv"), first, second, want):
+            assert torch.equal(a, b), name
+            assert rel(a, c) <= (5e-3 if dtype == torch.float16 else 1e-5), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lens", [[8192], [16384]])
+def test_gpu_deterministic_backward_bf16(lens):
+    """The realistic configuration (bf16, Hq=64, Hkv=4, D=128, B=128, K=16): with
+    deterministic=True two backward passes are bitwise equal (dq, dk, dv); without it
+    they agree to float32 summation order (dk, dv: atomics). At 8K also against the
+    reference. Hot blocks are cut into many segments here: ~16K x 16 / 128 = 2K entries per
+    (group, block) on average, against 512 entries per segment."""
+    gen = torch.Generator().manual_seed(77 + sum(lens))
+    q, k, v, cu_q, cu_k = make(lens, lens, 64, 4, 128, torch.bfloat16, gen)
+    qi = torch.randn(sum(lens), 4, 128, generator=gen).to(DEV, torch.bfloat16)
+    ki = torch.randn(sum(lens), 1, 128, generator=gen).to(DEV, torch.bfloat16)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, backend="triton")
+    dout = torch.randn(q.shape, generator=gen).to(DEV, q.dtype)
+    det = [_det_grads(q, k, v, idx, cu_q, cu_k, 128, dout, True) for _ in range(2)]
+    fast = [_det_grads(q, k, v, idx, cu_q, cu_k, 128, dout, False) for _ in range(2)]
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert torch.equal(det[0][i], det[1][i]), name
+        assert rel(fast[0][i], det[0][i]) <= 1e-2, name
+        assert rel(fast[1][i], fast[0][i]) <= 1e-2, name
+    if sum(lens) <= 8192:
+        want = _grads(q, k, v, idx, cu_q, cu_k, 128, "reference", dout)
+        for name, a, b in zip(("dq", "dk", "dv"), det[0], want):
+            assert rel(a, b) <= 2e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_msa_attention_deterministic_bitwise():
+    """msa_attention(deterministic=True): the same out, loss and five gradients, bitwise,
+    on a repeat (indexer order, sparse attention backward, KL dki)."""
+    lens = [3000, 9000]
+    gen = torch.Generator().manual_seed(78)
+    q, k, v, cu_q, cu_k = make(lens, lens, 64, 4, 128, torch.bfloat16, gen)
+    qi = torch.randn(sum(lens), 4, 128, generator=gen).to(DEV, torch.bfloat16)
+    ki = torch.randn(sum(lens), 1, 128, generator=gen).to(DEV, torch.bfloat16)
+
+    def step():
+        xs = [x.clone().requires_grad_() for x in (q, k, v, qi, ki)]
+        out, kl, idx = openmsa.msa_attention(*xs, cu_q, cu_k, deterministic=True)
+        (out.float().square().mean() + kl).backward()
+        return (out, kl, idx, *[x.grad for x in xs])
+
+    for a, b in zip(step(), step()):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+POISONS = ["q_nan", "k_nan", "v_nan", "v_inf", "k_posinf", "k_neginf", "k_neginf_v_nan"]
+_TOKEN, _GROUP, _ROW, _HEAD = 20, 1, 18, 5  # poisoned key row (sequence 0) / query row, head
+
+
+def _poison(kind, q, k, v):
+    """A copy of (q, k, v) with one non-finite value: q[_ROW, _HEAD] (one row), or key row
+    _TOKEN of group _GROUP (k, v). k_neginf: a score of -inf for every query (a -inf
+    component where all queries are positive, zeros elsewhere), so the key weighs 0;
+    k_neginf_v_nan: and a NaN v, which counts whatever the weight."""
+    q, k, v = q.clone(), k.clone(), v.clone()
+    if kind == "q_nan":
+        q[_ROW, _HEAD, 3] = float("nan")
+    elif kind == "k_nan":
+        k[_TOKEN, _GROUP, 4] = float("nan")
+    elif kind == "v_nan":
+        v[_TOKEN, _GROUP, 4] = float("nan")
+    elif kind == "v_inf":
+        v[_TOKEN, _GROUP, 4] = float("inf")
+    elif kind == "k_posinf":  # +inf or -inf scores, by the sign of q[..., 4]
+        k[_TOKEN, _GROUP, 4] = float("inf")
+    elif kind.startswith("k_neginf"):
+        q[..., 0] = q[..., 0].abs() + 0.1
+        k[_TOKEN, _GROUP] = 0.0
+        k[_TOKEN, _GROUP, 0] = float("-inf")
+        if kind == "k_neginf_v_nan":
+            v[_TOKEN, _GROUP, 4] = float("nan")
+    return q, k, v
+
+
+def _reached(kind, idx, cu_q, cu_k, block, hq, hkv):
+    """[total_q, Hq] bool: the rows the poisoned value can reach (the poisoned query row,
+    or the rows whose token set holds key row _TOKEN); every other row must not change."""
+    total_q = int(cu_q[-1])
+    hit = torch.zeros(total_q, hq, dtype=torch.bool)
+    if kind.startswith("q"):
+        hit[_ROW, _HEAD] = True
+        return hit
+    g = hq // hkv
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        if not ck[b] <= _TOKEN < ck[b + 1]:
+            continue
+        j = _TOKEN - ck[b]
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        for i in range(lq):
+            t = cq[b] + i
+            if j <= lk - lq + i and (idx is None or j // block in idx[_GROUP, t].tolist()):
+                hit[t, _GROUP * g:(_GROUP + 1) * g] = True
+    return hit
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("kind", POISONS)
+def test_non_finite_inputs_same_on_both_backends(kind, dense, monkeypatch):
+    """One NaN/Inf in q, k or v (spec rule in api.sparse_attention): the Triton kernels and
+    the reference give the same out/lse, non-finite entries at the same places (NaN out and
+    lse for the rows it reaches; a -inf score weighs 0), the same values elsewhere, and
+    every row the value cannot reach is bitwise what it was without it. The backward
+    runs on both, and the other sequence's gradients stay finite and unchanged."""
+    from openmsa.ops.attention import dense as dense_mod
+    monkeypatch.setattr(dense_mod, "DENSE_CHUNK_BLOCKS", 2)
+    gen = torch.Generator().manual_seed(950)
+    lens_q, lens_k, block, hq, hkv = [24, 12], [40, 12], 16, 8, 2
+    q, k, v, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, 32, torch.float32, gen)
+    idx = None if dense else indices_for(lens_q, lens_k, hkv, block, 3, gen)
+    pq, pk, pv = _poison(kind, q, k, v)
+    clean_q = pq if kind.startswith("k_neginf") else q  # they also make q[..., 0] positive
+    reach = _reached(kind, idx, cu_q, cu_k, block, hq, hkv).to(DEV)
+    got = {}
+    for backend in ("triton", "reference"):
+        out, lse = openmsa.sparse_attention(pq, pk, pv, idx, cu_q, cu_k, block_size=block,
+                                            backend=backend)
+        c_out, c_lse = openmsa.sparse_attention(clean_q, k, v, idx, cu_q, cu_k, block_size=block,
+                                                backend=backend)
+        assert torch.equal(out[~reach], c_out[~reach]) and torch.equal(lse[~reach], c_lse[~reach])
+        assert not lse.isposinf().any() and not out.isinf().any()
+        got[backend] = (out, lse)
+    (out, lse), (ref_out, ref_lse) = got["triton"], got["reference"]
+    assert rel(out, ref_out) <= 1e-5 and rel(lse, ref_lse) <= 1e-5
+    nan_rows = ref_lse.isnan()
+    assert torch.equal(ref_out.isnan(), nan_rows[..., None].expand_as(ref_out))
+    assert not (nan_rows & ~reach).any()
+    if kind == "k_neginf":  # weight 0: no NaN, and the rows it reaches do change
+        assert not nan_rows.any() and not torch.equal(lse, c_lse)
+    else:
+        assert nan_rows.any()
+    dout = torch.randn(q.shape, generator=gen).to(DEV)
+    for backend in ("triton", "reference"):
+        grads = _grads(pq, pk, pv, idx, cu_q, cu_k, block, backend, dout)
+        clean = _grads(clean_q, k, v, idx, cu_q, cu_k, block, backend, dout)
+        for a, b, rows in zip(grads, clean, (slice(24, 36), slice(40, 52), slice(40, 52))):
+            assert rel(a[rows], b[rows]) <= 1e-6, backend

@@ -292,3 +292,157 @@ def test_gpu_dense_warmup_kl_bf16(lens_q, lens_k, hq, hkv, d, b):
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, d, torch.bfloat16, gen)
     check(q * 3.0, k, qi, ki, None, cu_q, cu_k, 1e-4, 1e-2, block_size=b, coeff=0.1)
 
+
+
+# --------------------------------------------------------------------------- deterministic
+
+
+def _det_kl(q, k, qi, ki, idx, cu_q, cu_k, block, deterministic):
+    a, b = qi.clone().requires_grad_(), ki.clone().requires_grad_()
+    loss = openmsa.indexer_kl_loss(q, k, a, b, idx, cu_q, cu_k, block_size=block,
+                                   deterministic=deterministic, backend="triton")
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+@pytest.mark.parametrize("dense,dtype", [(False, torch.float32), (False, torch.float16),
+                                         (True, torch.float32)])
+def test_deterministic_dki_hot_block(dense, dtype, monkeypatch):
+    """deterministic=True: per-group dki accumulators and, for a key block cut into many
+    segments (block 0 selected by every row of the first sequence, 4 entries per
+    segment), scratch slots added in tile order. Bitwise-repeatable, reference tolerances,
+    the same as the default path to rounding. The dense KL (topk_indices=None, chunks of
+    2 blocks) too."""
+    from openmsa.ops.attention import dense as dense_mod
+    from openmsa.ops.attention.schedule import build_schedule, row_info
+    monkeypatch.setenv("OPENMSA_KL_TILE_ROWS", "16")  # 4 tokens x G_PAD = 4 heads
+    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "1")
+    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", str(1 << 17))  # query rows in chunks
+    monkeypatch.setattr(dense_mod, "DENSE_CHUNK_BLOCKS", 2)
+    gen = torch.Generator().manual_seed(910)
+    lens_q, lens_k, block = [60, 20], [80, 20], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, dtype, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=3, backend="reference")
+    idx[:, :60, 0] = 0
+    info = row_info(cu_q, cu_k, q.shape[0], k.shape[0], block)
+    assert build_schedule(idx, 0, info, block, 4, deterministic=True).reduce_count.max() >= 5
+    idx = None if dense else idx
+    first = _det_kl(q, k, qi, ki, idx, cu_q, cu_k, block, True)
+    second = _det_kl(q, k, qi, ki, idx, cu_q, cu_k, block, True)
+    default = _det_kl(q, k, qi, ki, idx, cu_q, cu_k, block, False)
+    want = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, "reference", block_size=block)
+    tol_loss, tol_grad = _tols(dtype)
+    tol_same = 1e-6 if dtype == torch.float32 else 1e-3  # float16 dki: another summation order
+    for name, a, b, c, d, tol in zip(("loss", "dqi", "dki"), first, second, want, default,
+                                     (tol_loss, tol_grad, tol_grad)):
+        assert torch.equal(a, b), name
+        assert rel(a, c) <= tol, name
+        assert rel(a, d) <= tol_same, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dense", [False, True])
+def test_gpu_deterministic_bf16(dense):
+    """Realistic configuration (bf16, Hq=64, Hkv=4, D=Di=128, B=128, K=16), 16K tokens:
+    with deterministic=True two passes give bitwise-equal loss, dqi and dki; without it
+    dki agrees to float32 summation order (atomics). The dense KL on 8K tokens."""
+    n = 8192 if dense else 16384
+    gen = torch.Generator().manual_seed(n + dense)
+    q, k, qi, ki, cu_q, cu_k = make([n], [n], 64, 4, 128, 128, torch.bfloat16, gen)
+    q = q * 3.0
+    idx = None if dense else openmsa.indexer_topk(qi, ki, cu_q, cu_k, backend="triton")[0]
+    det = [_det_kl(q, k, qi, ki, idx, cu_q, cu_k, 128, True) for _ in range(2)]
+    fast = [_det_kl(q, k, qi, ki, idx, cu_q, cu_k, 128, False) for _ in range(2)]
+    for i, name in enumerate(("loss", "dqi", "dki")):
+        assert torch.equal(det[0][i], det[1][i]), name
+        assert rel(fast[0][i], det[0][i]) <= 1e-2, name
+        assert rel(fast[1][i], fast[0][i]) <= 1e-2, name
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+
+def _poison(kind, q, k, qi, ki):
+    """Copies with one non-finite value: query row 18 (sequence 0; head 5 of group 1 / index
+    head 1) or key row 20 (sequence 0; group 1 of k, the shared ki). ki_neginf: an index
+    score of -inf for every query (a -inf component where all index queries are
+    positive): the student gives 0 to a token the teacher weighs, KL = +inf."""
+    q, k, qi, ki = q.clone(), k.clone(), qi.clone(), ki.clone()
+    if kind == "q_nan":
+        q[18, 5, 3] = float("nan")
+    elif kind == "k_nan":
+        k[20, 1, 4] = float("nan")
+    elif kind == "k_posinf":
+        k[20, 1, 4] = float("inf")
+    elif kind == "qi_nan":
+        qi[18, 1, 2] = float("nan")
+    elif kind == "ki_nan":
+        ki[20, 0, 2] = float("nan")
+    elif kind == "ki_neginf":
+        qi[..., 0] = qi[..., 0].abs() + 0.1
+        ki[20, 0] = 0.0
+        ki[20, 0, 0] = float("-inf")
+    return q, k, qi, ki
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("kind", ["q_nan", "k_nan", "k_posinf", "qi_nan", "ki_nan", "ki_neginf"])
+def test_non_finite_inputs_same_on_both_backends(kind, dense):
+    """One NaN/Inf reaching a contributing row (the rule in api.indexer_kl_loss): the loss
+    is NaN on both backends (+inf for ki_neginf); the backward runs, and the gradients of
+    the other sequence (rows 24-35, keys 40-51) are finite and unchanged."""
+    gen = torch.Generator().manual_seed(960)
+    lens_q, lens_k, block = [24, 12], [40, 12], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    idx = None
+    if not dense:  # key row 20 (block 1) in T of query row 18 (position 34) in both groups
+        idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2,
+                                      backend="reference")
+        idx[:, 18, 0] = 1
+    pq, pk, pqi, pki = _poison(kind, q, k, qi, ki)
+    clean_qi = pqi if kind == "ki_neginf" else qi
+    for backend in ("triton", "reference"):
+        loss, dqi, dki = kl_and_grads(pq, pk, pqi, pki, idx, cu_q, cu_k, backend, block_size=block)
+        assert (loss == float("inf")) if kind == "ki_neginf" else loss.isnan(), backend
+        _, c_dqi, c_dki = kl_and_grads(q, k, clean_qi, ki, idx, cu_q, cu_k, backend, block_size=block)
+        assert rel(dqi[24:], c_dqi[24:]) <= 1e-6 and rel(dki[40:], c_dki[40:]) <= 1e-6, backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_non_finite_inputs_that_reach_no_row(backend):
+    """NaN in q of a row whose token set is empty, NaN in k / ki of a key no row selects:
+    the loss and gradients are those without them."""
+    gen = torch.Generator().manual_seed(961)
+    lens_q, lens_k, block = [24, 12], [40, 12], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2, backend="reference")
+    idx[:, 5] = -1  # empty T
+    idx[:, :24][idx[:, :24] == 0] = -1  # block 0 of sequence 0 (keys 0-15): nobody's
+    pq, pk, pki = q.clone(), k.clone(), ki.clone()
+    pq[5, 2, 0] = float("nan")
+    pk[3, 0, 1] = float("nan")
+    pki[7, 0, 1] = float("nan")
+    got = kl_and_grads(pq, pk, qi, pki, idx, cu_q, cu_k, backend, block_size=block)
+    want = kl_and_grads(q, k, qi, ki, idx, cu_q, cu_k, backend, block_size=block)
+    for a, b in zip(got, want):
+        assert rel(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_neginf_main_score_weighs_zero(dense):
+    """A key with a main score of -inf for every query (a -inf component of k where all
+    queries are positive) gets teacher weight 0: the loss and gradients stay finite and the
+    backends agree (the recomputed teacher LSE does not treat k as a V)."""
+    gen = torch.Generator().manual_seed(962)
+    lens_q, lens_k, block = [24, 12], [40, 12], 16
+    q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, torch.float32, gen)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k[20, 1] = 0.0
+    k[20, 1, 0] = float("-inf")
+    idx = None
+    if not dense:
+        idx, _ = openmsa.indexer_topk(qi, ki, cu_q, cu_k, block_size=block, topk=2,
+                                      backend="reference")
+    got = check(q, k, qi, ki, idx, cu_q, cu_k, 1e-5, 1e-5, block_size=block)
+    assert torch.isfinite(got[0])

@@ -636,6 +636,127 @@ def test_sparse_attention_all_empty_fully_masked(gen):
         assert x.grad is None or (x.grad == 0).all()
 
 
+# ----------------------------------------------------------------------- NaN / Inf
+# The rule of api.sparse_attention / api.indexer_kl_loss: IEEE arithmetic of the math.
+_TOK, _ROW, _SOLO_KEY, _SOLO_ROW = 14, 10, 61, 37  # PACK_SMALL: key 14 and query row 10 are
+# in sequence 2 (13 x 13); key 61 is the only key of sequence 5 (1 x 1), whose query is row 37
+
+
+def _rule_nan_rows(q, k, v, idx, cu_q, cu_k, bs, scale):
+    """[total_q, Hq] bool, by a float64 loop over T: the rows (t, h) with a NaN or +inf
+    score on T(t, g), or a token of T(t, g) with a non-finite v (whatever its score)."""
+    q, k, v = q.double(), k.double(), v.double()
+    hq, hkv = q.shape[1], k.shape[1]
+    grp = hq // hkv
+    nan = torch.zeros(q.shape[:2], dtype=torch.bool)
+    for t, (k0, lk, p) in enumerate(query_rows(cu_q, cu_k)):
+        for g in range(hkv):
+            tok = bf_token_set(None if idx is None else idx[g, t], p, lk, bs)
+            if not tok:
+                continue
+            sel = torch.tensor(tok, dtype=torch.long) + k0
+            s = scale * (q[t, g * grp:(g + 1) * grp] @ k[sel, g].T)  # [G, n]
+            v_bad = ~torch.isfinite(v[sel, g]).all(-1)
+            nan[t, g * grp:(g + 1) * grp] = (s.isnan() | (s == math.inf)).any(1) | v_bad.any()
+    return nan
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("kind", ["q_nan", "k_nan", "v_nan", "v_inf", "k_posinf", "k_neginf",
+                                  "k_neginf_v_nan"])
+def test_sparse_attention_non_finite_rule(gen, kind, dense):
+    """One NaN/Inf in q (one row, one head), k or v (one token, one group): out and lse are
+    NaN exactly on the rows of the rule (every entry of out), the other rows are the float64
+    brute force's; a -inf score weighs 0 (k_neginf: the one-key sequence then has an all -inf
+    row, out 0 and lse -inf like an empty T), but a non-finite v counts whatever its weight
+    (k_neginf_v_nan). The backward runs."""
+    pack, bs, hkv, grp, d = PACK_SMALL, 4, 2, 2, 64
+    q, k, v, cu_q, cu_k = main_inputs(pack, hkv, grp, d, gen)
+    idx = None if dense else _make_indices("topk", pack, bs, hkv, 3, gen)
+    if kind == "q_nan":
+        q[_ROW, 3, 7] = math.nan
+    elif kind == "k_nan":
+        k[_TOK, 1, 5] = math.nan
+    elif kind in ("v_nan", "v_inf"):
+        v[_TOK, 1, 5] = math.nan if kind == "v_nan" else math.inf
+    elif kind == "k_posinf":  # +inf or -inf scores by the sign of q[..., 5]
+        k[_TOK, 1, 5] = math.inf
+    else:  # -inf scores for every query: a -inf component where every query is positive
+        q[..., 0] = q[..., 0].abs() + 0.1
+        for j in (_TOK, _SOLO_KEY):
+            k[j, 1] = 0.0
+            k[j, 1, 0] = -math.inf
+        if kind == "k_neginf_v_nan":
+            v[_TOK, 1, 5] = math.nan
+    expected = _rule_nan_rows(q, k, v, idx, cu_q, cu_k, bs, d ** -0.5)
+    qa, ka, va = (x.clone().requires_grad_(True) for x in (q, k, v))
+    out, lse = openmsa.sparse_attention(qa, ka, va, idx, cu_q, cu_k, block_size=bs, **REF)
+    assert torch.equal(lse.isnan(), expected)
+    assert torch.equal(out.isnan(), expected[..., None].expand_as(out))
+    assert (kind == "k_neginf") != bool(expected.any())
+    if kind == "k_neginf_v_nan":  # the rows a NaN in k of that token would make NaN
+        k_nan = k.clone()
+        k_nan[_TOK, 1, 0] = math.nan
+        v_fin = v.nan_to_num(0.0)
+        assert torch.equal(expected, _rule_nan_rows(q, k_nan, v_fin, idx, cu_q, cu_k, bs, d ** -0.5))
+    assert not out.isinf().any() and not lse.isposinf().any()
+    # v at tokens no finite row weighs does not matter: the brute force gets them zeroed
+    v_clean = v.masked_fill(~torch.isfinite(v).all(-1, keepdim=True), 0.0)
+    bout, blse = bf_sparse_attention(q, k, v_clean, idx, cu_q, cu_k, bs, d ** -0.5)
+    fin = ~expected
+    if kind.startswith("k_neginf"):  # the brute force's softmax of an all -inf row is NaN
+        fin[_SOLO_ROW, grp:] = False
+    assert_rel(out.detach()[fin], bout[fin], TOL32, "out")
+    assert_lse(lse[fin], blse[fin], TOL32, "lse")
+    if kind.startswith("k_neginf"):
+        assert (out[_SOLO_ROW, grp:] == 0).all() and torch.isneginf(lse[_SOLO_ROW, grp:]).all()
+        assert torch.isfinite(lse[_SOLO_ROW, :grp]).all()
+    out.backward(randn(out.shape, gen))
+    assert qa.grad.shape == q.shape and ka.grad.shape == k.shape and va.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_kl_non_finite_rule(gen, dense):
+    """The KL is NaN when a NaN reaches a contributing row (q of a row, k or ki of a token
+    of T), +inf when the student gives 0 (index score -inf) to a token the teacher
+    weighs, and the float64 brute force's when the NaN reaches no row (a row with empty T,
+    a key nobody selects)."""
+    pack, bs, hkv, grp, d, di = PACK_SMALL, 4, 2, 2, 64, 64
+    q, k, _, cu_q, cu_k = main_inputs(pack, hkv, grp, d, gen)
+    qi, ki, _, _ = index_inputs(pack, hkv, di, gen)
+    idx = None if dense else _make_indices("topk", pack, bs, hkv, 3, gen)
+    s, si = d ** -0.5, di ** -0.5
+
+    def loss(q, k, qi, ki, idx):
+        qia, kia = qi.clone().requires_grad_(True), ki.clone().requires_grad_(True)
+        out = openmsa.indexer_kl_loss(q, k, qia, kia, idx, cu_q, cu_k, block_size=bs, **REF)
+        out.backward()  # runs, whatever the values
+        return out.detach()
+
+    for name, x, at in (("q", q, (_ROW, 3, 7)), ("k", k, (_TOK, 1, 5)), ("qi", qi, (_ROW, 1, 2)),
+                        ("ki", ki, (_TOK, 0, 2))):
+        bad = x.clone()
+        bad[at] = math.nan
+        args = {"q": q, "k": k, "qi": qi, "ki": ki, name: bad}
+        assert loss(args["q"], args["k"], args["qi"], args["ki"], idx).isnan(), name
+    qi_pos = qi.clone()
+    qi_pos[..., 0] = qi_pos[..., 0].abs() + 0.25
+    ki_neg = ki.clone()
+    ki_neg[_TOK] = 0.0
+    ki_neg[_TOK, 0, 0] = -math.inf
+    assert loss(q, k, qi_pos, ki_neg, idx) == math.inf
+    if not dense:  # NaN that reaches no row: row 10 with empty T, key 14 in no T
+        idx = idx.clone()
+        idx[:, _ROW] = -1
+        idx[:, 5:18][idx[:, 5:18] == 0] = -1  # sequence 2: block 0 (keys 12-15) nobody's
+        q_bad, k_bad, ki_bad = q.clone(), k.clone(), ki.clone()
+        q_bad[_ROW, 3, 7] = math.nan
+        k_bad[_TOK, 1, 5] = math.nan
+        ki_bad[_TOK, 0, 2] = math.nan
+        want = bf_kl(q, k, qi, ki, idx, cu_q, cu_k, bs, s, si)
+        assert_rel(loss(q_bad, k_bad, qi, ki_bad, idx), want, TOL32, "kl")
+
+
 # ======================================================================= sparse KL
 KL_CASES = [
     # (pack, block_size, Hkv, G, D, Di, topk, coeff, scales)

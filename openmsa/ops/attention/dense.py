@@ -55,11 +55,12 @@ def dense_chunks(q, k, varlen, block_size):
 
 
 def _merge(acc_out, acc_lse, out, lse):
-    """Merge two partial softmax results (float32 out [T, H, D], lse [T, H])."""
+    """Merge two partial softmax results (float32 out [T, H, D], lse [T, H]); a NaN lse
+    (a NaN row of either side) keeps the row NaN."""
     new = torch.logaddexp(acc_lse, lse)
-    finite = torch.isfinite(new)  # -inf on both sides: nothing visible yet
-    w_acc = torch.where(finite, torch.exp(acc_lse - new), 0.0)
-    w_new = torch.where(finite, torch.exp(lse - new), 0.0)
+    empty = new == float("-inf")  # -inf on both sides: nothing visible yet
+    w_acc = torch.where(empty, 0.0, torch.exp(acc_lse - new))
+    w_new = torch.where(empty, 0.0, torch.exp(lse - new))
     return acc_out * w_acc[..., None] + out.float() * w_new[..., None], new
 
 
@@ -78,13 +79,16 @@ def dense_attention_forward(q, k, v, varlen, block_size, scale, sparse_forward):
     return acc_out.to(q.dtype), acc_lse
 
 
-def dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale, sparse_backward):
-    """(dq, dk, dv) like q, k, v; ``sparse_backward`` is ``triton_impl.sparse_attention_backward``."""
+def dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale, sparse_backward,
+                             deterministic=False):
+    """(dq, dk, dv) like q, k, v; ``sparse_backward`` is ``triton_impl.sparse_attention_backward``
+    (``deterministic`` is passed on; the chunks' results are summed in chunk order)."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for idx in dense_chunks(q, k, varlen, block_size):
-        a, b, c = sparse_backward(do, q, k, v, out, lse, idx, varlen, block_size, scale)
+        a, b, c = sparse_backward(do, q, k, v, out, lse, idx, varlen, block_size, scale,
+                                  deterministic)
         dq += a
         dk += b
         dv += c

@@ -12,6 +12,16 @@ CSR positions.
 
 Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the
 softmax uses exp2.
+
+Non-finite inputs (api.sparse_attention): a NaN or +inf score makes the row's sums NaN
+(exp2(s - m) is NaN at s = m = +inf), and the guards for empty token sets test for an
+exact 0 so that they let NaN through. The block maximum may drop NaN (tl.max / tl.maximum
+on the GPU return the other operand): NaN still reaches the sums through exp2(NaN - m).
+A key whose V is not finite makes the rows that have it in their token set NaN, whatever
+its weight, as SDPA's 0 * NaN does (CHECK_V: its scores are made NaN and its V 0, once per
+segment; an LSE-only caller, the KL's teacher normaliser, turns this off).
+
+Deterministic backward: ``key_partial_reduce_kernel`` (see schedule.py).
 """
 
 import triton
@@ -47,7 +57,7 @@ def sparse_fwd_tile_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     PAGE_TABLE, stride_kp, stride_vp, stride_pb,
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, IEEE: tl.constexpr, PAGED: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr, PAGED: tl.constexpr, CHECK_V: tl.constexpr,
 ):
     w = tl.program_id(0)
     e0, e1, g, c, k_start, len_k = segment_block(
@@ -72,6 +82,13 @@ def sparse_fwd_tile_kernel(
             v_off = krow * stride_vt
         kt = tl.load(K + k_off[:, None] + g * stride_kh + d[None, :], mask=key_ok[:, None], other=0.0)
         vt = tl.load(V + v_off[:, None] + g * stride_vh + d[None, :], mask=key_ok[:, None], other=0.0)
+        if CHECK_V:
+            # poison[j] = 0, or NaN when v[j] is not finite: NaN scores for key j (every row
+            # with j in its token set is NaN) and v[j] = 0 (through the PV product a
+            # non-finite v[j] would reach the rows that do not see j: 0 * inf = NaN)
+            poison = tl.sum(vt * 0.0, 1)
+            kt = kt + poison[:, None]
+            vt = tl.where((poison == 0)[:, None], vt, 0.0)
         r = tl.arange(0, TOKENS * G_PAD)
         h = r % G_PAD
         # The block stays in registers while the segment's query tiles stream past it.
@@ -97,9 +114,10 @@ def sparse_fwd_tile_kernel(
                 o = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
             else:
                 o = tl.dot(p.to(vt.dtype), vt)
-            l_safe = tl.where(l > 0, l, 1.0)
+            # l == 0: no key of the block in the token set (out 0, lse -inf); NaN passes
+            l_safe = tl.where(l == 0, 1.0, l)
             o = o / l_safe[:, None]
-            lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            lse = tl.where(l == 0, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
             out_row = e.to(tl.int64) * G + h
             tl.store(PART_O + out_row[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty),
                      mask=row_ok[:, None])
@@ -125,7 +143,7 @@ def combine_kernel(
         e = tl.load(entry_of + base + s)
         if e >= 0:
             lse_s = tl.load(PART_LSE + e.to(tl.int64) * G + h, mask=h_ok, other=float("-inf"))
-            m = tl.maximum(m, lse_s)
+            m = tl.maximum(m, lse_s)  # may drop a NaN partial: it reaches den through wgt
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
@@ -138,9 +156,9 @@ def combine_kernel(
             den += wgt
             acc += wgt[:, None] * tl.load(PART_O + row[:, None] * D + d[None, :],
                                           mask=h_ok[:, None], other=0.0).to(tl.float32)
-    den_safe = tl.where(den > 0, den, 1.0)
-    out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0
-    lse = tl.where(den > 0, m_safe + tl.log(den_safe), float("-inf"))
+    den_safe = tl.where(den == 0, 1.0, den)
+    out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0; NaN passes
+    lse = tl.where(den == 0, float("-inf"), m_safe + tl.log(den_safe))
     t = (row0 + i).to(tl.int64)
     heads = (g * G + h).to(tl.int64)
     tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -150,7 +168,7 @@ def combine_kernel(
 
 @triton.jit
 def _bwd_segment(
-    w, split, Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+    w, split, Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV, TILE_SLOT, PART_DK, PART_DV,
     tile_group, tile_start, tile_end,
     entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
     num_blocks_bound, scale, scale_log2,
@@ -158,14 +176,16 @@ def _bwd_segment(
     stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-    WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr,
+    WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Segment w of the schedule: one key block of one group (keys [split * BLOCK_N,
     (split + 1) * BLOCK_N) of it) and a run of the CSR entries that selected it, walked
     TOKENS query tokens (x G heads) at a time. WITH_DKDV: dK, dV of the slice accumulate
     in registers over the segment and are added to the float32 accumulators once
-    (atomics only between segments of a hot block). WITH_DQ (needs BLOCK_N == BLOCK):
-    dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
+    (atomics only between segments of a hot block; DETERMINISTIC: such segments write
+    their sums to their scratch slot instead, rows [split * BLOCK_N, ...) of a [BLOCK, D]
+    slot of PART_DK / PART_DV, for key_partial_reduce_kernel). WITH_DQ (needs BLOCK_N ==
+    BLOCK): dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
     e0, e1, g, c, k_start, len_k = segment_block(
         w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
         block_base, num_blocks_bound)
@@ -225,15 +245,24 @@ def _bwd_segment(
                 tl.store(PART_DQ + out_row[:, None] * D + d[None, :],
                          (dq * scale).to(PART_DQ.dtype.element_ty), mask=row_ok[:, None])
         if WITH_DKDV:
-            tl.atomic_add(DK + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dk * scale,
-                          mask=key_ok[:, None])
-            tl.atomic_add(DV + krow[:, None] * stride_dkt + g * stride_dkh + d[None, :], dv,
-                          mask=key_ok[:, None])
+            dst = krow[:, None] * stride_dkt + g * stride_dkh + d[None, :]
+            if DETERMINISTIC:
+                slot = tl.load(TILE_SLOT + w)
+                if slot >= 0:
+                    prow = slot.to(tl.int64) * BLOCK + split * BLOCK_N + tl.arange(0, BLOCK_N)
+                    tl.store(PART_DK + prow[:, None] * D + d[None, :], dk * scale)
+                    tl.store(PART_DV + prow[:, None] * D + d[None, :], dv)
+                else:  # the only segment of its group: one add per address in the launch
+                    tl.atomic_add(DK + dst, dk * scale, mask=key_ok[:, None])
+                    tl.atomic_add(DV + dst, dv, mask=key_ok[:, None])
+            else:
+                tl.atomic_add(DK + dst, dk * scale, mask=key_ok[:, None])
+                tl.atomic_add(DV + dst, dv, mask=key_ok[:, None])
 
 
 @triton.jit
 def sparse_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV, TILE_SLOT, PART_DK, PART_DV,
     tile_group, tile_start, tile_end,
     entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
     num_blocks_bound, scale, scale_log2,
@@ -242,6 +271,7 @@ def sparse_bwd_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, ROLE_COUNT: tl.constexpr, ROLE_OFFSET: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     """The backward of segment pid // ROLE_COUNT, role ROLE_OFFSET + pid % ROLE_COUNT.
 
@@ -252,11 +282,12 @@ def sparse_bwd_kernel(
     registers, so two programs share an SM. Launched with ROLE_COUNT=3 the three roles of
     a segment are neighbours in the grid, run at the same time and read the same query
     rows, so two of the three reads of Q and dO per entry hit L2; ROLE_COUNT=2 / 1 with
-    offsets 0 / 2 launch the dK/dV roles and the dQ role separately."""
+    offsets 0 / 2 launch the dK/dV roles and the dQ role separately. DETERMINISTIC: see
+    _bwd_segment."""
     pid = tl.program_id(0)
     w = pid // ROLE_COUNT
     role = ROLE_OFFSET + pid % ROLE_COUNT
-    args = (Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV,
+    args = (Q, K, V, DO, LSE, DELTA, PART_DQ, DK, DV, TILE_SLOT, PART_DK, PART_DV,
             tile_group, tile_start, tile_end,
             entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
             num_blocks_bound, scale, scale_log2,
@@ -265,11 +296,45 @@ def sparse_bwd_kernel(
     if SPLIT:
         if role < 2:
             _bwd_segment(w, role, *args, G, G_PAD, TOKENS, BLOCK, BLOCK // 2, D, IEEE,
-                         False, True)
+                         False, True, DETERMINISTIC)
         else:
-            _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, False)
+            _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, False,
+                         DETERMINISTIC)
     else:
-        _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, True)
+        _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, True,
+                     DETERMINISTIC)
+
+
+@triton.jit
+def key_partial_reduce_kernel(
+    PART, DST, reduce_tile, reduce_count, tile_slot,
+    tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k, block_base,
+    num_blocks_bound, stride_dt, stride_dg,
+    BLOCK: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Deterministic key-gradient flush (schedule.py): program (i, r) adds to DST[keys of
+    rows [r * ROWS, (r + 1) * ROWS) of block c, group g] the [BLOCK, D] float32 slots of
+    the i-th multi-tile group (g, c) of the schedule, summed in tile order. It is the only
+    writer of those addresses in its launch, so a plain read-add-write suffices. DST row of
+    key row kr and group g: kr * stride_dt + g * stride_dg."""
+    i = tl.program_id(0)
+    n = tl.load(reduce_count + i)
+    if n > 0:
+        w0 = tl.load(reduce_tile + i)
+        e0, e1, g, c, k_start, len_k = segment_block(
+            w0, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
+            block_base, num_blocks_bound)
+        jr = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        d = tl.arange(0, D)
+        slot0 = tl.load(tile_slot + w0).to(tl.int64)
+        acc = tl.zeros((ROWS, D), tl.float32)
+        for s in range(n):
+            acc += tl.load(PART + ((slot0 + s) * BLOCK + jr)[:, None] * D + d[None, :])
+        j = c * BLOCK + jr
+        key_ok = (j < len_k)[:, None]
+        dst = (DST + (k_start + j.to(tl.int64))[:, None] * stride_dt
+               + g.to(tl.int64) * stride_dg + d[None, :])
+        tl.store(dst, tl.load(dst, mask=key_ok, other=0.0) + acc, mask=key_ok)
 
 
 @triton.jit

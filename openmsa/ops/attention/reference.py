@@ -7,6 +7,12 @@ group: the visible tokens of the selected blocks (sparse) or all visible tokens
 Query rows are processed in chunks; the backward recomputes the scores per chunk
 (FlashAttention style: P from the saved LSE, dS = P * (dP - rowsum(dO * O))) so
 memory stays bounded by the chunk size instead of growing with total_q x K x B.
+
+Non-finite inputs follow the rule of ``openmsa.sparse_attention``: IEEE arithmetic on the
+scores (a NaN or +inf score makes the row NaN, -inf weighs 0), and a key whose V is not
+finite makes every row that has it in its token set NaN. Like the kernels, the forward
+gives such keys NaN scores (k + 0 * v) and V = 0: through the PV product a non-finite V
+would also reach the rows that do not see the key (0 * inf = NaN).
 """
 
 from __future__ import annotations
@@ -116,6 +122,10 @@ def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
     cdt = compute_dtype(q.dtype)
     meta = row_meta(cu_q, cu_k, q.device)
     layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    v_fin = torch.isfinite(v)
+    if not v_fin.all():  # see the module docstring
+        k = k + v * 0
+        v = v.masked_fill(~v_fin, 0.0)
     keys, values = Keys(k, layout, cdt), Keys(v, layout, cdt)
     out = torch.zeros_like(q)
     lse = torch.full((total_q, hq), float("-inf"), dtype=cdt, device=q.device)
@@ -124,8 +134,9 @@ def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
         s, _, _ = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
         m, p, l = masked_softmax_stats(s)
         o = matmul_keys(p, values.gather(sel), transpose_keys=False)
-        # Empty T (possible for hand-made indices): out = 0 and lse = -inf, never NaN.
-        o = torch.where(l > 0, o / l, torch.zeros_like(o))
+        # Empty T (possible for hand-made indices): out = 0 and lse = -inf. l == 0 exactly,
+        # so that a NaN row (NaN or +inf score: l is NaN) stays NaN.
+        o = torch.where(l == 0, torch.zeros_like(o), o / l)
         out[rows] = ungroup(o).to(q.dtype)
         lse[rows] = ungroup((m + torch.log(l)).squeeze(-1))
     return out, lse

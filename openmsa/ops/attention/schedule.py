@@ -13,6 +13,16 @@ duplicate of an earlier slot of the row, and the block starts at or before the
 row's causal position (otherwise its token set is empty). Each entry has a place in
 the CSR order; the attention kernel writes that entry's partial output there and
 the combine kernel finds a row's <= K partials through ``entry_of``.
+
+Deterministic backward (``deterministic=True``): a group (g, key block) cut into several
+tiles has its per-key gradient sums (dK, dV, dki) computed by several programs; instead of
+meeting in float atomics (whose order varies from run to run), each such tile writes its
+sum to a slot of a scratch buffer (``tile_slot``) and ``key_partial_reduce_kernel`` adds
+a group's slots in tile order. A group of one tile is the only writer of its keys in the
+launch, so it adds its sum directly. Only groups of more than ``tokens_per_tile`` entries
+have several tiles, so the slots number less than 2 E / tokens_per_tile (a group of c
+entries has ceil(c / T) < 2 c / T tiles when c > T). The launchers run the chunks of query
+rows one after the other, so the chunks' sums are added in chunk order.
 """
 
 from __future__ import annotations
@@ -61,6 +71,10 @@ class TileSchedule:
     tile_start: torch.Tensor  # int32 [W]: first CSR position of the tile
     tile_end: torch.Tensor  # int32 [W]: one past its last (start == end: no work)
     num_tiles_bound: int  # W, a host-side upper bound; the real count is on the device
+    # deterministic=True only (else None):
+    tile_slot: torch.Tensor | None = None  # int32 [W]: slot of a tile of a multi-tile group, else -1
+    reduce_tile: torch.Tensor | None = None  # int32 [M]: first tile of the i-th multi-tile group
+    reduce_count: torch.Tensor | None = None  # int32 [M]: its tile count (0 past the real groups)
 
 
 @triton.jit
@@ -93,9 +107,16 @@ def schedule_keys_kernel(
     tl.store(KEY + (g.to(tl.int64) * num_rows + i)[:, None] * K + sl[None, :], key, mask=m)
 
 
+def slots_bound(num_entries: int, tokens_per_tile: int) -> int:
+    """Host bound on the scratch slots of a deterministic schedule of ``num_entries``
+    entries (module docstring)."""
+    return max(1, 2 * num_entries // tokens_per_tile)
+
+
 def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size: int,
-                   tokens_per_tile: int) -> TileSchedule:
-    """CSR of the rows [row0, row0 + R) of ``topk_rows`` ([Hkv, R, K] int32)."""
+                   tokens_per_tile: int, deterministic: bool = False) -> TileSchedule:
+    """CSR of the rows [row0, row0 + R) of ``topk_rows`` ([Hkv, R, K] int32);
+    ``deterministic`` adds the slots of the fixed-order key-gradient reduction."""
     hkv, r, k = topk_rows.shape
     dev = topk_rows.device
     nb = info.num_blocks_bound
@@ -133,5 +154,19 @@ def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size
     position = torch.empty(e, dtype=torch.int64, device=dev)
     position[order] = torch.arange(e, device=dev)
     entry_of = torch.where(key < sentinel, position, -1).view(hkv, r, k).to(torch.int32)
-    return TileSchedule(entry_row, entry_of, grp.to(torch.int32), start.to(torch.int32),
-                        end.to(torch.int32), w_bound)
+    sched = TileSchedule(entry_row, entry_of, grp.to(torch.int32), start.to(torch.int32),
+                         end.to(torch.int32), w_bound)
+    if deterministic:
+        multi = tiles > 1
+        multi_tiles = torch.where(multi, tiles, 0)
+        slot_end = torch.cumsum(multi_tiles, 0)
+        slot = slot_end[grp] - multi_tiles[grp] + (w - first_tile)
+        sched.tile_slot = torch.where(live & multi[grp], slot, -1).to(torch.int32)
+        # the i-th multi-tile group; such a group holds more than tokens_per_tile entries
+        multi_cum = torch.cumsum(multi, 0)
+        i = torch.arange(e // (tokens_per_tile + 1) + 1, device=dev)
+        rg = torch.searchsorted(multi_cum, i, right=True).clamp_(max=sentinel - 1)
+        ok = i < multi_cum[-1]
+        sched.reduce_tile = torch.where(ok, tile_cum[rg] - tiles[rg], 0).to(torch.int32)
+        sched.reduce_count = torch.where(ok, tiles[rg], 0).to(torch.int32)
+    return sched

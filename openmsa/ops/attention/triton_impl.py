@@ -4,7 +4,10 @@ schedule.py), and their autograd Function.
 A tile is TOKENS query tokens x G_PAD heads of one group (the MMA's rows) against one
 key block; a segment is a run of tiles of one (group, block) that keeps the block in
 registers. The backward also keeps dK, dV of the block (or of half of it, in the split
-launch) in registers over a segment and flushes them with one atomic add.
+launch) in registers over a segment and flushes them with one atomic add; with
+``deterministic=True`` the segments of a key block cut into several segments write their
+sums to scratch slots instead, added in a fixed order by ``key_partial_reduce_kernel``
+(schedule.py), so that repeated backward passes are bitwise equal.
 
 Query rows are processed in chunks so that the partial outputs (one [G, D] tile
 per (row, group, selected block)) stay within ``OPENMSA_PARTIAL_BYTES``
@@ -21,10 +24,10 @@ import triton
 
 from .dense import dense_attention_backward, dense_attention_forward
 from .kernels import (
-    LOG2E, combine_kernel, dq_reduce_kernel, softmax_delta_kernel, sparse_bwd_kernel,
-    sparse_fwd_tile_kernel,
+    LOG2E, combine_kernel, dq_reduce_kernel, key_partial_reduce_kernel, softmax_delta_kernel,
+    sparse_bwd_kernel, sparse_fwd_tile_kernel,
 )
-from .schedule import build_schedule, row_info
+from .schedule import build_schedule, row_info, slots_bound
 
 
 def _partial_bytes() -> int:
@@ -87,12 +90,15 @@ def _check_supported(q, block_size):
 
 
 def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *,
-                             page_table=None, num_blocks_bound=None, out=None, lse=None):
+                             page_table=None, num_blocks_bound=None, out=None, lse=None,
+                             lse_only=False):
     """out like q, lse float32 [total_q, Hq]. Serving (``openmsa.serving``): with
     ``page_table`` int32 [batch, max_pages], k and v are page pools [num_pages,
     block_size, Hkv, D], varlen.cu_seqlens_k only gives each sequence's key count and
     ``num_blocks_bound`` (host int >= the number of blocks of all sequences) replaces the
-    one derived from k's length; ``out`` / ``lse`` are preallocated outputs."""
+    one derived from k's length; ``out`` / ``lse`` are preallocated outputs.
+    ``lse_only``: only lse is wanted (out is then meaningless), so that v (any tensor of
+    k's shape, e.g. k) does not take part in the non-finite rule of api.sparse_attention."""
     total_q, hq, d = q.shape
     paged = page_table is not None
     hkv = k.shape[-2] if paged else k.shape[1]
@@ -130,7 +136,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *
             page_table if paged else q, k.stride(0) if paged else 0, v.stride(0) if paged else 0,
             page_table.stride(0) if paged else 0,
             G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee, PAGED=paged,
-            num_warps=warps, num_stages=stages,
+            CHECK_V=not lse_only, num_warps=warps, num_stages=stages,
         )
         combine_kernel[(rows, hkv)](
             part_o, part_lse, sched.entry_of, out, lse,
@@ -141,7 +147,22 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *
     return out, lse
 
 
-def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block_size, scale):
+def reduce_key_partials(sched, info, part, dst, stride_dt, stride_dg, block_size):
+    """Deterministic flush (schedule.py): dst += the slots of every multi-tile group of
+    ``sched``, in tile order. ``part``: float32 [slots * block_size, D]."""
+    rows = min(32, block_size)
+    key_partial_reduce_kernel[(sched.reduce_tile.numel(), block_size // rows)](
+        part, dst, sched.reduce_tile, sched.reduce_count, sched.tile_slot,
+        sched.tile_group, sched.tile_start, sched.tile_end, sched.entry_row, info.seq,
+        info.seq_k_start, info.seq_len_k, info.block_base, info.num_blocks_bound,
+        stride_dt, stride_dg, BLOCK=block_size, D=part.shape[1], ROWS=rows, num_warps=4)
+
+
+def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block_size, scale,
+                              deterministic=False):
+    """(dq, dk, dv) like q, k, v. ``deterministic``: dK, dV without float atomics between
+    programs (bitwise-repeatable); scratch of 2 x 2 x B x D x 4 bytes per tokens_per_tile
+    entries, taken from the partial budget (1/8 of the bf16 dQ partials at the defaults)."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -157,8 +178,16 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     do = do if do.stride(-1) == 1 else do.contiguous()
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
     dq_dtype = _dq_partial_dtype(q.dtype)
-    rows_per_chunk = max(1, min(total_q, _partial_bytes() // (hkv * topk * g * d * dq_dtype.itemsize)))
+    per_entry = g * d * dq_dtype.itemsize
+    entries_per_tile = tokens * segment_tiles
+    if deterministic:  # dK and dV slots, at most 2 per entries_per_tile entries
+        per_entry += 2 * 2 * block_size * d * 4 / entries_per_tile
+    rows_per_chunk = max(1, min(total_q, int(_partial_bytes() // (hkv * topk * per_entry))))
     part_dq = torch.empty((hkv * rows_per_chunk * topk * g, d), dtype=dq_dtype, device=q.device)
+    if deterministic:
+        slots = slots_bound(hkv * rows_per_chunk * topk, entries_per_tile)
+        part_dk = torch.empty((slots * block_size, d), dtype=torch.float32, device=q.device)
+        part_dv = torch.empty_like(part_dk)
     ieee = q.dtype == torch.float32
     # delta = rowsum(dO * O), the softmax backward's correction term, per (row, head).
     delta = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
@@ -169,9 +198,10 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
-                               tokens * segment_tiles)
+                               entries_per_tile, deterministic)
+        slot_args = (sched.tile_slot, part_dk, part_dv) if deterministic else (sched.tile_group, dk, dv)
         args = (
-            q, k, v, do, lse, delta, part_dq, dk, dv,
+            q, k, v, do, lse, delta, part_dq, dk, dv, *slot_args,
             sched.tile_group, sched.tile_start, sched.tile_end,
             sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
             info.num_blocks_bound, scale, scale * LOG2E,
@@ -179,7 +209,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
             do.stride(0), do.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
         )
         common = dict(G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d, IEEE=ieee,
-                      num_warps=warps, num_stages=stages)
+                      DETERMINISTIC=deterministic, num_warps=warps, num_stages=stages)
         w = sched.num_tiles_bound
         if split_kv and block_size % 2 == 0 and block_size >= 32:
             if launch == "interleaved":
@@ -192,6 +222,9 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
                 sparse_bwd_kernel[(w,)](*args, SPLIT=True, ROLE_COUNT=1, ROLE_OFFSET=2, **common)
         else:
             sparse_bwd_kernel[(w,)](*args, SPLIT=False, ROLE_COUNT=1, ROLE_OFFSET=0, **common)
+        if deterministic:
+            for part, dst in ((part_dk, dk), (part_dv, dv)):
+                reduce_key_partials(sched, info, part, dst, dst.stride(0), dst.stride(1), block_size)
         dq_reduce_kernel[(rows, hkv)](
             part_dq, sched.entry_of, dq, row0, rows, topk, dq.stride(0), dq.stride(1),
             G=g, G_PAD=g_pad, D=d, num_warps=4,
@@ -203,53 +236,55 @@ class SparseAttentionTriton(torch.autograd.Function):
     """Forward and backward through the KV-outer kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topk_indices, varlen, block_size, scale):
+    def forward(ctx, q, k, v, topk_indices, varlen, block_size, scale, deterministic):
         out, lse = sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale)
         ctx.save_for_backward(q, k, v, topk_indices, out, lse)
-        ctx.args = (varlen, block_size, scale)
+        ctx.args = (varlen, block_size, scale, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, topk_indices, out, lse = ctx.saved_tensors
-        varlen, block_size, scale = ctx.args
+        varlen, block_size, scale, deterministic = ctx.args
         dq, dk, dv = sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen,
-                                               block_size, scale)
-        return dq, dk, dv, None, None, None, None
+                                               block_size, scale, deterministic)
+        return dq, dk, dv, None, None, None, None, None
 
 
 class DenseAttentionTriton(torch.autograd.Function):
     """Dense causal attention through the same kernels, a chunk of blocks at a time (dense.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, varlen, block_size, scale):
+    def forward(ctx, q, k, v, varlen, block_size, scale, deterministic):
         out, lse = dense_attention_forward(q, k, v, varlen, block_size, scale,
                                            sparse_attention_forward)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (varlen, block_size, scale)
+        ctx.args = (varlen, block_size, scale, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        varlen, block_size, scale = ctx.args
+        varlen, block_size, scale, deterministic = ctx.args
         dq, dk, dv = dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale,
-                                              sparse_attention_backward)
-        return dq, dk, dv, None, None, None
+                                              sparse_attention_backward, deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
-def dense_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):
+def dense_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale, deterministic=False):
     """``sparse_attention(..., topk_indices=None)``: every visible token (spec section 6 warmup)."""
     if topk_indices is not None:
         raise ValueError("dense_attention_triton takes topk_indices=None")
     _check_supported(q, block_size)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return DenseAttentionTriton.apply(q, k, v, varlen, block_size, scale)
+    return DenseAttentionTriton.apply(q, k, v, varlen, block_size, scale, deterministic)
 
 
-def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):
+def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale, deterministic=False):
+    """``deterministic``: the backward without float atomics (sparse_attention_backward)."""
     _check_supported(q, block_size)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return SparseAttentionTriton.apply(q, k, v, topk_indices.contiguous(), varlen, block_size, scale)
+    return SparseAttentionTriton.apply(q, k, v, topk_indices.contiguous(), varlen, block_size, scale,
+                                       deterministic)

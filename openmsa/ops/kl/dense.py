@@ -35,9 +35,10 @@ from ..indexer.lse import index_lse_kv_outer
 
 
 def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, lse, index_lse,
-                     with_grad, kl_forward):
+                     with_grad, kl_forward, deterministic=False):
     """Like ``indexer_kl_forward`` with T = every visible token: (loss, dqi, dki).
-    ``kl_forward`` is ``triton_impl.indexer_kl_forward`` (passed in: no import cycle)."""
+    ``kl_forward`` is ``triton_impl.indexer_kl_forward`` (passed in: no import cycle);
+    ``deterministic`` is passed on (the chunks' results are summed in chunk order)."""
     total_q, total_k = q.shape[0], k.shape[0]
     dev = q.device
     if total_q == 0 or total_k == 0:
@@ -53,14 +54,15 @@ def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, ls
         return out
 
     if lse is None:
-        lse = merged(lambda idx: sparse_attention_forward(q, k, k, idx, varlen, block_size, scale)[1])
+        lse = merged(lambda idx: sparse_attention_forward(q, k, k, idx, varlen, block_size, scale,
+                                                          lse_only=True)[1])
     if index_lse is None:
         index_lse = merged(lambda idx: index_lse_kv_outer(qi, ki, idx, varlen, block_size=block_size,
                                                           scale=scale_i))
     total = dqi = dki = None
     for idx in dense_chunks(q, k, varlen, block_size):
         loss, dq, dk = kl_forward(q, k, qi, ki, idx, varlen, block_size, scale, scale_i, coeff,
-                                  lse, index_lse, with_grad)
+                                  lse, index_lse, with_grad, deterministic)
         total = loss if total is None else total + loss
         if with_grad:
             dqi = dq if dqi is None else dqi.add_(dq)

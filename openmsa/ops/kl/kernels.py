@@ -20,6 +20,13 @@ afterwards: deterministic), and with gradients dz = P_S - P_T:
 per-entry dqi partial = dz @ ki_c (``dqi_reduce_kernel`` sums a row's <= K partials in
 slot order: deterministic) and dki_c += dz^T @ qi in registers over the segment,
 flushed once per segment with float32 atomics (ki has one head shared by all groups).
+Deterministic mode (DETERMINISTIC): every group g flushes into its own float32 dki_g
+(stride_dkg; summed over g in order by the launcher), a group's only segment adds its
+sum directly and the segments of a block cut into several write their scratch slot
+(``openmsa.ops.attention.schedule``), added in tile order by key_partial_reduce_kernel.
+
+Non-finite values: the KL terms are dropped where P_T == 0 exactly (0 log 0 = 0), not
+where "P_T > 0" fails, so that a NaN teacher keeps its NaN term.
 
 The first version did both in one pass (the index scores on a [TOKENS, Di] qi tile
 padded to 16 rows, and the [B, Di] float32 dki accumulator beside the [TOKENS * G_PAD,
@@ -89,13 +96,13 @@ def kl_teacher_kernel(
 
 @triton.jit
 def kl_student_kernel(
-    QI, KI, ILSE, PART_PT, PART_KL, PART_DQI, DKI,
+    QI, KI, ILSE, PART_PT, PART_KL, PART_DQI, DKI, TILE_SLOT, PART_DKI,
     tile_group, tile_start, tile_end,
     entry_row, row_seq, row_pos, seq_k_start, seq_len_k, block_base,
     num_blocks_bound, scale_i_log2, grad_scale,
-    stride_it, stride_ih, stride_kit, stride_ilg, stride_ilt, stride_dkt,
+    stride_it, stride_ih, stride_kit, stride_ilg, stride_ilt, stride_dkt, stride_dkg,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, DI: tl.constexpr, IEEE: tl.constexpr,
-    WITH_GRAD: tl.constexpr,
+    WITH_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     w = tl.program_id(0)
     e0, e1, g, c, k_start, len_k = segment_block(
@@ -130,8 +137,8 @@ def kl_student_kernel(
             log2_ps = z * scale_i_log2 - ilse[:, None]
             ps = tl.where(visible, tl.exp2(log2_ps), 0.0)
             # KL(P_T || P_S) of the entry over this block's keys (P_T = 0 off the visible keys)
-            pos_t = pt > 0
-            term = tl.where(pos_t, pt * (tl.log2(tl.where(pos_t, pt, 1.0)) - log2_ps), 0.0)
+            nz = pt != 0
+            term = tl.where(nz, pt * (tl.log2(tl.where(nz, pt, 1.0)) - log2_ps), 0.0)
             tl.store(PART_KL + e, tl.sum(term, 1) * 0.6931471805599453, mask=ok)
             if WITH_GRAD:
                 dz = ps - pt  # 0 where not visible (both are)
@@ -144,8 +151,17 @@ def kl_student_kernel(
                 tl.store(PART_DQI + e64[:, None] * DI + di[None, :], dqi * grad_scale,
                          mask=ok[:, None])
         if WITH_GRAD:
-            tl.atomic_add(DKI + krow[:, None] * stride_dkt + di[None, :], dki * grad_scale,
-                          mask=key_ok[:, None])
+            dst = DKI + krow[:, None] * stride_dkt + di[None, :]
+            if DETERMINISTIC:
+                dst += g.to(tl.int64) * stride_dkg
+                slot = tl.load(TILE_SLOT + w)
+                if slot >= 0:
+                    prow = slot.to(tl.int64) * BLOCK + jb
+                    tl.store(PART_DKI + prow[:, None] * DI + di[None, :], dki * grad_scale)
+                else:  # the only segment of (g, block): one add per address in the launch
+                    tl.atomic_add(dst, dki * grad_scale, mask=key_ok[:, None])
+            else:
+                tl.atomic_add(dst, dki * grad_scale, mask=key_ok[:, None])
 
 
 @triton.jit

@@ -7,6 +7,11 @@ loss = coeff / (Hkv * total_q) * sum_{t, g} KL(P_T || P_S), gradients to qi and 
 only, through d loss / d z = coeff / (Hkv * total_q) * (P_S - P_T).
 
 With ``topk_indices=None`` T is every visible token (the dense warmup phase).
+
+Non-finite inputs (the rule of ``openmsa.indexer_kl_loss``): IEEE arithmetic, with the
+terms of tokens where P_T is exactly 0 dropped (0 log 0 = 0); the normalisers are
+max + log(sum exp(. - max)) like the kernels', so a +inf score gives a NaN normaliser
+(torch.logsumexp would give +inf).
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ def _chunk_distributions(q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, l
         lse_g = m + torch.log(l)
     else:
         lse_g = lse[rows].to(cdt).view(-1, hkv, s.shape[2]).permute(1, 0, 2)[..., None]
-    teacher = torch.exp(s - safe_lse(lse_g)).mean(2)  # [Hkv, R, N], 0 where masked
+    # [Hkv, R, N], 0 where masked (also for a NaN lse)
+    teacher = torch.exp(s - safe_lse(lse_g)).mean(2).masked_fill(~valid, 0.0)
 
     qig = qi[rows].to(cdt).transpose(0, 1)[:, :, None, :]  # [Hkv, R, 1, Di]
     kik = ikeys.gather(sel)
     z = (matmul_keys(qig, kik, transpose_keys=True) * scale_i)[:, :, 0]  # [Hkv, R, N]
     z = z.masked_fill(~valid, float("-inf"))
     if index_lse is None:
-        ilse = torch.logsumexp(z, dim=-1, keepdim=True)
+        m_i, _, l_i = masked_softmax_stats(z)
+        ilse = m_i + torch.log(l_i)
     else:
         ilse = index_lse[:, rows].to(cdt)[..., None]
     log_student = z - safe_lse(ilse)  # -inf where masked
@@ -42,10 +49,12 @@ def _chunk_distributions(q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, l
 
 
 def _kl_terms(teacher, log_student, valid):
-    """Per-token KL terms, 0 wherever the teacher is 0 (masked tokens included)."""
-    safe_t = torch.where(teacher > 0, teacher, torch.ones_like(teacher))
+    """Per-token KL terms, 0 wherever the teacher is exactly 0 (masked tokens included);
+    a NaN teacher keeps its NaN term."""
+    nz = teacher != 0
+    safe_t = torch.where(nz, teacher, torch.ones_like(teacher))
     safe_s = torch.where(valid, log_student, torch.zeros_like(log_student))
-    return torch.where(teacher > 0, teacher * (torch.log(safe_t) - safe_s), torch.zeros_like(teacher))
+    return torch.where(nz, teacher * (torch.log(safe_t) - safe_s), torch.zeros_like(teacher))
 
 
 def _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt):
@@ -80,7 +89,8 @@ def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, 
     for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
         teacher, log_student, _, qig, kik = _chunk_distributions(
             q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt)
-        dz = (torch.exp(log_student) - teacher) * (grad_scale * scale_i)  # [Hkv, R, N]
+        student = torch.exp(log_student).masked_fill(~valid, 0.0)  # 0 masked, NaN index_lse too
+        dz = (student - teacher) * (grad_scale * scale_i)  # [Hkv, R, N]
         dqi[rows] = matmul_keys(dz[:, :, None, :], kik, transpose_keys=False)[:, :, 0].transpose(0, 1)
         if layout is not None:
             dki.add(sel, dz[..., None] * qig)  # [Hkv, R, N, Di]

@@ -10,8 +10,8 @@ them by grad_output.
 Missing LSEs are recomputed first:
 
 * ``lse`` (teacher normaliser) by the Triton sparse attention forward
-  (``sparse_attention_forward(q, k, k, ...)``: its output is computed and thrown away;
-  a waste of the PV product, fine for a fallback path);
+  (``sparse_attention_forward(q, k, k, ..., lse_only=True)``: its output is computed and
+  thrown away; a waste of the PV product, fine for a fallback path);
 * ``index_lse`` by the indexer's KV-outer selected-LSE pass
   (``openmsa.ops.indexer.lse.index_lse_kv_outer``), which works for any given indices.
 
@@ -29,7 +29,12 @@ requires a gradient (the kernel then skips the gradient work: WITH_GRAD=False).
 Determinism: the loss (per-entry KL values summed by torch) and dqi (per-row reduce in
 slot order) are deterministic; dki is accumulated with float32 atomics across the
 segments of a key block (and across groups, which share ki), like dK/dV of the
-attention backward.
+attention backward, unless ``deterministic=True``: then each group accumulates its own
+float32 dki_g (the segments of a block cut into several through scratch slots added in
+tile order, see ``openmsa.ops.attention.schedule``) and dki = dki_0 + ... + dki_{Hkv-1}.
+Extra memory, during the forward only: the dki_g, Hkv x total_k x Di x 4 bytes (2 GB at
+1M tokens with Hkv = 4, Di = 128), and the slots (B x Di x 4 bytes, at most 2 per tile of
+entries), which are counted in the partial budget.
 """
 
 from __future__ import annotations
@@ -39,9 +44,8 @@ import os
 import torch
 import triton
 
-from ..attention.schedule import build_schedule, row_info
-from ..attention.triton_impl import sparse_attention_forward
-from ..attention.triton_impl import _partial_bytes
+from ..attention.schedule import build_schedule, row_info, slots_bound
+from ..attention.triton_impl import _partial_bytes, reduce_key_partials, sparse_attention_forward
 from ..indexer.lse import index_lse_kv_outer
 from .dense import dense_kl_forward
 from .kernels import LOG2E, dqi_reduce_kernel, kl_student_kernel, kl_teacher_kernel
@@ -103,9 +107,10 @@ def _last_dim_contiguous(x):
 
 
 def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,
-                       lse, index_lse, with_grad):
+                       lse, index_lse, with_grad, deterministic=False):
     """Returns (loss float32 0-d, dqi float32 [total_q, Hkv, Di] or None,
-    dki float32 [total_k, Di] or None); the gradients are d loss / d qi, ki."""
+    dki float32 [total_k, Di] or None); the gradients are d loss / d qi, ki.
+    ``deterministic``: dki without float atomics between programs (module docstring)."""
     total_q, hq, d = q.shape
     total_k, hkv = k.shape[0], k.shape[1]
     di = qi.shape[2]
@@ -119,29 +124,39 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
     total = torch.zeros((), dtype=torch.float32, device=dev)
     # every row of dqi is written by dqi_reduce_kernel (0 where the row has no entry)
     dqi = torch.empty((total_q, hkv, di), dtype=torch.float32, device=dev) if with_grad else None
+    deterministic = deterministic and with_grad
     dki = torch.zeros((total_k, di), dtype=torch.float32, device=dev) if with_grad else None
     if total_q == 0:
         return total, dqi, dki
+    # per-group accumulators: the groups' segments of a block then never share an address
+    dki_acc = torch.zeros((hkv, total_k, di), dtype=torch.float32, device=dev) if deterministic else dki
     norm = coeff / (hkv * total_q)
 
     if lse is None:
-        _, lse = sparse_attention_forward(q, k, k, topk_indices, varlen, block_size, scale)
+        _, lse = sparse_attention_forward(q, k, k, topk_indices, varlen, block_size, scale,
+                                          lse_only=True)
     if index_lse is None:
         index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size,
                                        scale=scale_i)
 
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
-    per_row = hkv * topk * (block_size * 4 + (di * 4 if with_grad else 0) + 4)
-    rows_per_chunk = max(1, min(total_q, _MAX_ROWS_PER_CHUNK, _partial_bytes() // per_row))
+    entries_per_tile = tokens * segment_tiles
+    per_entry = block_size * 4 + (di * 4 if with_grad else 0) + 4
+    if deterministic:  # dki slots, at most 2 per entries_per_tile entries
+        per_entry += 2 * block_size * di * 4 / entries_per_tile
+    rows_per_chunk = max(1, min(total_q, _MAX_ROWS_PER_CHUNK,
+                                int(_partial_bytes() // (hkv * topk * per_entry))))
     n_part = hkv * rows_per_chunk * topk
     part_pt = torch.empty((n_part, block_size), dtype=torch.float32, device=dev)
     part_kl = torch.empty((n_part,), dtype=torch.float32, device=dev)
     part_dqi = torch.empty((n_part, di), dtype=torch.float32, device=dev) if with_grad else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
+    part_dki = (torch.empty((slots_bound(n_part, entries_per_tile) * block_size, di),
+                            dtype=torch.float32, device=dev) if deterministic else dummy)
     for row0 in range(0, total_q, rows_per_chunk):
         rows = min(rows_per_chunk, total_q - row0)
         sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
-                               tokens * segment_tiles)
+                               entries_per_tile, deterministic)
         grid = (sched.num_tiles_bound,)
         sched_args = (sched.tile_group, sched.tile_start, sched.tile_end, sched.entry_row,
                       info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
@@ -155,18 +170,26 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
             IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
         kl_student_kernel[grid](
             qi, ki, index_lse, part_pt, part_kl,
-            part_dqi if with_grad else dummy, dki if with_grad else dummy,
+            part_dqi if with_grad else dummy, dki_acc if with_grad else dummy,
+            sched.tile_slot if deterministic else sched.tile_group, part_dki,
             *sched_args, scale_i * LOG2E, norm * scale_i,
             qi.stride(0), qi.stride(1), ki.stride(0), index_lse.stride(0), index_lse.stride(1),
-            dki.stride(0) if with_grad else 0,
+            dki_acc.stride(-2) if with_grad else 0, dki_acc.stride(0) if deterministic else 0,
             ROWS=s_rows, BLOCK=block_size, DI=di, IEEE=qi.dtype == torch.float32,
-            WITH_GRAD=with_grad, num_warps=s_warps, num_stages=s_stages)
+            WITH_GRAD=with_grad, DETERMINISTIC=deterministic, num_warps=s_warps,
+            num_stages=s_stages)
+        if deterministic:
+            reduce_key_partials(sched, info, part_dki, dki_acc, dki_acc.stride(1),
+                                dki_acc.stride(0), block_size)
         total += part_kl[:n_ent].sum()
         if with_grad:
             reduce_rows = 16
             dqi_reduce_kernel[(triton.cdiv(rows, reduce_rows), hkv)](
                 part_dqi, sched.entry_of, dqi, row0, rows, topk, dqi.stride(0), dqi.stride(1),
                 DI=di, ROWS=reduce_rows, num_warps=4)
+    if deterministic:
+        for g_acc in dki_acc:  # group order
+            dki += g_acc
     return total * norm, dqi, dki
 
 
@@ -175,14 +198,16 @@ class IndexerKLTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,
-                lse, index_lse):
+                lse, index_lse, deterministic):
         with_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         if topk_indices is None:  # dense warmup KL: the same kernels, chunk by chunk (dense.py)
             loss, dqi, dki = dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i,
-                                              coeff, lse, index_lse, with_grad, indexer_kl_forward)
+                                              coeff, lse, index_lse, with_grad, indexer_kl_forward,
+                                              deterministic)
         else:
             loss, dqi, dki = indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size,
-                                                scale, scale_i, coeff, lse, index_lse, with_grad)
+                                                scale, scale_i, coeff, lse, index_lse, with_grad,
+                                                deterministic)
         if with_grad:
             ctx.save_for_backward(dqi, dki)
         ctx.shapes = (qi.dtype, ki.dtype, ki.shape)
@@ -194,18 +219,19 @@ class IndexerKLTriton(torch.autograd.Function):
         qi_dtype, ki_dtype, ki_shape = ctx.shapes
         dqi = (dqi * grad).to(qi_dtype) if ctx.needs_input_grad[2] else None
         dki = (dki * grad).to(ki_dtype).view(ki_shape) if ctx.needs_input_grad[3] else None
-        return (None, None, dqi, dki) + (None,) * 8
+        return (None, None, dqi, dki) + (None,) * 9
 
 
 def indexer_kl_loss_triton(q, k, qi, ki, topk_indices, varlen, *, block_size, scale, scale_i,
-                           coeff, lse, index_lse):
+                           coeff, lse, index_lse, deterministic=False):
     """Sparse KL of spec section 6: float32 0-d loss, differentiable w.r.t. qi and ki only.
     ``topk_indices=None``: the dense warmup KL (T = every visible token), through the same
-    kernels a chunk of blocks at a time (dense.py)."""
+    kernels a chunk of blocks at a time (dense.py). ``deterministic``: bitwise-repeatable
+    dki (no float atomics between programs; module docstring)."""
     _check_supported(q, qi, topk_indices, block_size)
     q, k, qi, ki = (_last_dim_contiguous(x.detach() if i < 2 else x)
                     for i, x in enumerate((q, k, qi, ki)))
     if topk_indices is not None:
         topk_indices = topk_indices.contiguous()
     return IndexerKLTriton.apply(q, k, qi, ki, topk_indices, varlen, block_size,
-                                 scale, scale_i, coeff, lse, index_lse)
+                                 scale, scale_i, coeff, lse, index_lse, deterministic)
