@@ -1,6 +1,6 @@
-"""The public functional API of openmsa (spec section 10).
+"""The public functional API of openmsa (docs/spec.md section 10).
 
-Every function accepts either the packed varlen layout of spec section 3
+Every function accepts either the packed varlen layout of docs/spec.md section 3
 (``[total, heads, dim]`` plus int32 ``cu_seqlens_q``/``cu_seqlens_k``) or the batched
 layout ``[batch, seqlen, heads, dim]`` with both cu_seqlens left as ``None`` (every
 sequence then has the same Lq and Lk, queries bottom-right aligned to the keys).
@@ -83,7 +83,7 @@ def _unflatten_rows(t, batched: _Batch | None, row_dim: int):
 
 def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128, topk=16,
                  softmax_scale=None, deterministic=False, backend="auto"):
-    """Index Branch (spec section 4): exp-free Top-k key blocks per query and KV group.
+    """Index Branch (docs/spec.md section 4): exp-free Top-k key blocks per query and KV group.
 
     Args:
         qi: ``[total_q, Hkv, Di]`` index queries (one head per KV group).
@@ -120,13 +120,13 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
 
 def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
                      block_size=128, softmax_scale=None, deterministic=False, backend="auto"):
-    """Main Branch (spec section 5): exact attention over the selected blocks.
+    """Main Branch (docs/spec.md section 5): exact attention over the selected blocks.
 
     Args:
         q ``[total_q, Hq, D]``, k, v ``[total_k, Hkv, D]`` (Hq a multiple of Hkv).
         topk_indices: int32 ``[Hkv, total_q, K]`` block ids; -1 and out-of-range ids are
             ignored, duplicates count once. ``None`` attends to every visible token
-            (dense causal attention, the warmup phase of spec section 6).
+            (dense causal attention, the warmup phase of docs/spec.md section 6).
         softmax_scale: default ``D ** -0.5``.
         deterministic: a bitwise-repeatable backward. The Triton kernels then add the dk,
             dv sums of a key block that is split over several programs (a block many
@@ -175,13 +175,13 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
 def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
                     block_size=128, softmax_scale=None, index_softmax_scale=None, coeff=1.0,
                     lse=None, index_lse=None, deterministic=False, backend="auto"):
-    """Sparse KL of spec section 6: a scalar, differentiable w.r.t. qi and ki only.
+    """Sparse KL of docs/spec.md section 6: a scalar, differentiable w.r.t. qi and ki only.
 
     The teacher is the group-mean of the Main Branch softmax on T (q, k are detached);
     the student is the index softmax on T. ``lse`` (``[total_q, Hq]``) and ``index_lse``
     (``[Hkv, total_q]``) from ``sparse_attention`` / ``indexer_topk`` are reused when
     given, else recomputed. ``topk_indices=None`` takes T = all visible tokens (the
-    dense warmup phase of spec section 6).
+    dense warmup phase of docs/spec.md section 6).
 
     ``deterministic``: bitwise-repeatable gradients. The Triton kernels then sum the dki
     of a key block over programs and groups in a fixed order instead of with float

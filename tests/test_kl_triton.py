@@ -1,4 +1,4 @@
-"""Triton sparse KL loss (spec section 6) against the PyTorch reference.
+"""Triton sparse KL loss (docs/spec.md section 6) against the PyTorch reference.
 
 On a CPU the kernels run under Triton's interpreter (tiny shapes, float16/float32: the
 interpreter's bfloat16 dot is wrong). With a GPU, the `gpu` tests run the realistic

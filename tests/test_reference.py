@@ -1,6 +1,6 @@
 """openmsa's PyTorch reference backend against an independent brute force (tests/brute_force.py).
 
-Packed varlen form only (spec MSA.md sections 3-6 and 10). Every test draws fresh inputs
+Packed varlen form only (docs/spec.md sections 3-6 and 10). Every test draws fresh inputs
 from its own seeded torch.Generator (seed = crc32 of the test id, so each parametrisation
 gets a different one).
 

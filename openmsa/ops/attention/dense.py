@@ -1,4 +1,4 @@
-"""Dense causal attention over packed varlen sequences (spec section 6, warmup: the Main
+"""Dense causal attention over packed varlen sequences (docs/spec.md section 6, warmup: the Main
 Branch over every visible token) through the sparse attention kernels, a chunk of key
 blocks at a time.
 

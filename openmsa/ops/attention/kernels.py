@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse attention forward, KV-outer (spec section 5).
+"""Triton kernels of the sparse attention forward, KV-outer (docs/spec.md section 5).
 
 ``sparse_fwd_tile_kernel``: one program per segment of the schedule (schedule.py):
 one key block of one group and a run of the query rows that selected it, walked in

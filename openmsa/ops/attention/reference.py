@@ -1,4 +1,4 @@
-"""PyTorch reference of the Main Branch (spec section 5), forward and backward.
+"""PyTorch reference of the Main Branch (docs/spec.md section 5), forward and backward.
 
 Exact softmax attention of every query head over the token set T(t, g) of its
 group: the visible tokens of the selected blocks (sparse) or all visible tokens

@@ -1,4 +1,4 @@
-"""KV-outer schedule of the sparse attention kernels (spec section 5), built on the
+"""KV-outer schedule of the sparse attention kernels (docs/spec.md section 5), built on the
 GPU with torch ops: no host synchronisation, so the whole op is graph-capturable.
 
 The Top-k lists say, per (group g, query row t), which key blocks t reads. The

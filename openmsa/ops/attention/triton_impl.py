@@ -274,7 +274,7 @@ class DenseAttentionTriton(torch.autograd.Function):
 
 
 def dense_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale, deterministic=False):
-    """``sparse_attention(..., topk_indices=None)``: every visible token (spec section 6 warmup)."""
+    """``sparse_attention(..., topk_indices=None)``: every visible token (docs/spec.md section 6 warmup)."""
     if topk_indices is not None:
         raise ValueError("dense_attention_triton takes topk_indices=None")
     _check_supported(q, block_size)

@@ -1,4 +1,4 @@
-"""Dense warmup KL (spec section 6, warmup: T = every causally visible token) through the
+"""Dense warmup KL (docs/spec.md section 6, warmup: T = every causally visible token) through the
 sparse KL kernels, a chunk of key blocks at a time.
 
 The KL over all visible tokens is a sum over key blocks of per-block terms

@@ -1,4 +1,4 @@
-"""Triton kernels of the indexer's sparse KL loss (spec section 6), KV-outer.
+"""Triton kernels of the indexer's sparse KL loss (docs/spec.md section 6), KV-outer.
 
 They run over the schedule of the sparse attention kernels
 (``openmsa.ops.attention.schedule``): one program per segment = one key block c of one

@@ -1,4 +1,4 @@
-"""PyTorch reference of the indexer's sparse KL loss (spec section 6).
+"""PyTorch reference of the indexer's sparse KL loss (docs/spec.md section 6).
 
 Teacher (no gradient): the Main Branch softmax averaged over the G heads of a group,
 P_T(j) = mean_h exp(s(h, j) - lse[t, h]), on the token set T(t, g).

@@ -1,4 +1,4 @@
-"""Launcher of the Triton sparse KL loss (spec section 6; kernels.py).
+"""Launcher of the Triton sparse KL loss (docs/spec.md section 6; kernels.py).
 
 Forward = two passes over one KV-outer schedule of the sparse attention
 (``openmsa.ops.attention.schedule``): the teacher pass (main scores -> group-mean
@@ -224,7 +224,7 @@ class IndexerKLTriton(torch.autograd.Function):
 
 def indexer_kl_loss_triton(q, k, qi, ki, topk_indices, varlen, *, block_size, scale, scale_i,
                            coeff, lse, index_lse, deterministic=False):
-    """Sparse KL of spec section 6: float32 0-d loss, differentiable w.r.t. qi and ki only.
+    """Sparse KL of docs/spec.md section 6: float32 0-d loss, differentiable w.r.t. qi and ki only.
     ``topk_indices=None``: the dense warmup KL (T = every visible token), through the same
     kernels a chunk of blocks at a time (dense.py). ``deterministic``: bitwise-repeatable
     dki (no float atomics between programs; module docstring)."""
