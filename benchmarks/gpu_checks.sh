@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call of GPU checks; logs under $OUT (or ./out), at most 8 files. Steps:
+#   STEPS="tests sanitizer deterministic decode training" bash benchmarks/gpu_checks.sh
+#  tests          pytest -m gpu tests                                  -> gpu_tests.log
+#  sanitizer      compute-sanitizer memcheck over the bad-input and non-finite tests
+#                 (no caching allocator, so an access past a tensor is caught) -> sanitizer.log
+#  deterministic  benchmarks/bench_deterministic.py (32K, 128K)  -> deterministic.{json,md}
+#  decode         benchmarks/bench_decode.py, the README's rows        -> decode.{json,md}
+#  training       benchmarks/bench_training.py at 32K, sparse ops only (log only)
+# The benchmarks' output goes to bench.log.
+set -o pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+STEPS=${STEPS:-tests sanitizer}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+SAN_TESTS=${SAN_TESTS:-"tests/test_validation.py -k gpu_bad tests/test_serving_decode.py tests/test_serving_prefill.py tests/test_attention_triton.py tests/test_kl_triton.py"}
+for step in $STEPS; do
+  start=$(date +%s)
+  case $step in
+    tests)
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    sanitizer)
+      # the bad inputs: cu_seqlens values, page ids, non-finite values
+      for sel in "tests/test_validation.py -k gpu_bad" \
+                 "tests/test_serving_decode.py tests/test_serving_prefill.py -k page_ids" \
+                 "tests/test_attention_triton.py tests/test_kl_triton.py -k non_finite or neginf or nan"; do
+        files=${sel%% -k *}; expr=${sel#* -k }
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SAN_TIMEOUT:-60} compute-sanitizer --tool memcheck \
+          --target-processes all --print-limit 20 python3 -m pytest -q -p no:cacheprovider $files -k "$expr" 2>&1 \
+          | tee -a "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|passed|failed|error" | tail -4
+      done ;;
+    deterministic)
+      timeout ${DET_TIMEOUT:-100} python3 benchmarks/bench_deterministic.py --runs 10 --out "$OUT" 2>&1 \
+        | tee -a "$OUT/bench.log" | tail -10 ;;
+    decode)
+      timeout ${DEC_TIMEOUT:-100} python3 benchmarks/bench_decode.py --out "$OUT" \
+        ${DEC_ARGS:---batches 1 8 64 --contexts 131072 1048576 --q 1 8 --fp8 none index} 2>&1 \
+        | tee -a "$OUT/bench.log" | tail -30 ;;
+    training)
+      timeout ${TRAIN_TIMEOUT:-60} python3 benchmarks/bench_training.py --contexts 32768 \
+        --max-flex 0 --max-dense 0 --out /tmp/training 2>&1 | tee -a "$OUT/bench.log" | tail -12 ;;
+  esac
+  echo "== $step: $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+done
