@@ -215,8 +215,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
     @staticmethod
     def _check_cu_seqlens(cu_seqlens, x: torch.Tensor) -> torch.Tensor:
         """cu_seqlens of packed x: a 1-D int32 tensor on x's device, 0 = cu[0] <= ... <=
-        cu[-1] = x.shape[0] (read on the host). Zero sequences (``[0]``) and empty ones
-        are allowed."""
+        cu[-1] = x.shape[0] (values checked as the ops check them). Zero sequences
+        (``[0]``) and empty ones are allowed."""
         V.check_tensor("cu_seqlens", cu_seqlens, 1, "[num_seqs + 1] int32")
         if cu_seqlens.dtype != torch.int32:
             raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype} "
@@ -225,8 +225,13 @@ class MSAttention(IndexBranchMixin, nn.Module):
             raise ValueError("cu_seqlens must have at least one entry (the leading 0)")
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens must be on {x.device} like x, got {cu_seqlens.device}")
-        V._check_cu_values("cu_seqlens", tuple(cu_seqlens.tolist()), x.shape[0], "x.shape[0]")
-        return cu_seqlens
+        if cu_seqlens.device.type == "cpu":
+            V._check_cu_values("cu_seqlens", tuple(cu_seqlens.tolist()), x.shape[0], "x.shape[0]")
+            return cu_seqlens
+        # On a GPU the ops' rule: read once per tensor, or a sanitised copy where no host
+        # read is allowed (capture, compile, value_checks(False)).
+        return V.check_varlen(cu_seqlens, cu_seqlens, x.shape[0], x.shape[0], x.device,
+                              read_values=False).cu_seqlens_q
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
