@@ -265,7 +265,8 @@ def _sanitized_cu(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k:
     lq, lk = cu_q.diff(), cu_k.diff()
     ok = ((cu_q[0] == 0) & (cu_k[0] == 0) & (cu_q[-1] == total_q) & (cu_k[-1] == total_k)
           & (lq >= 0).all() & (lq <= lk).all())
-    ends = torch.ones_like(cu_q).index_fill_(0, torch.zeros(1, dtype=torch.long, device=cu_q.device), 0)
+    ends = torch.ones_like(cu_q)
+    ends[0] = 0
     return torch.where(ok, cu_q, ends * total_q), torch.where(ok, cu_k, ends * total_k)
 
 
