@@ -4,6 +4,7 @@
 #  tests          pytest -m gpu tests                                  -> gpu_tests.log
 #  sanitizer      compute-sanitizer memcheck over the bad-input and non-finite tests
 #                 (no caching allocator, so an access past a tensor is caught) -> sanitizer.log
+#  sanitizer_gpu  compute-sanitizer memcheck over the -m gpu tests in SAN_GPU_TESTS -> sanitizer_gpu.log
 #  deterministic  benchmarks/bench_deterministic.py (32K, 128K)  -> deterministic.{json,md}
 #  decode         benchmarks/bench_decode.py, the README's rows        -> decode.{json,md}
 #  training       benchmarks/bench_training.py at 32K, sparse ops only (log only)
@@ -14,12 +15,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 STEPS=${STEPS:-tests sanitizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
-SAN_TESTS=${SAN_TESTS:-"tests/test_validation.py -k gpu_bad tests/test_serving_decode.py tests/test_serving_prefill.py tests/test_attention_triton.py tests/test_kl_triton.py"}
 for step in $STEPS; do
   start=$(date +%s)
   case $step in
     tests)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE 2>&1 \
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -v -m gpu tests -p no:cacheprovider -rfE --durations=30 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -15 ;;
     sanitizer)
       # the bad inputs: cu_seqlens values, page ids, non-finite values
@@ -28,8 +28,21 @@ for step in $STEPS; do
                  "tests/test_attention_triton.py tests/test_kl_triton.py -k non_finite or neginf or nan"; do
         files=${sel%% -k *}; expr=${sel#* -k }
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SAN_TIMEOUT:-60} compute-sanitizer --tool memcheck \
-          --target-processes all --print-limit 20 python3 -m pytest -q -p no:cacheprovider $files -k "$expr" 2>&1 \
+          --target-processes all --print-limit 20 python3 -m pytest -v -p no:cacheprovider $files -k "$expr" 2>&1 \
           | tee -a "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|passed|failed|error" | tail -4
+      done ;;
+    sanitizer_gpu)
+      # the -m gpu tests themselves (realistic sizes), files in SAN_GPU_TESTS. Without the
+      # caching allocator every tensor is its own allocation, so an access past one is
+      # caught; CUDA graph capture needs the caching allocator (no cudaMalloc while
+      # capturing), so the capture tests run with it, checked at the pool's bounds.
+      capture="graph or capturing or large_pool"
+      for caching in 1 0; do
+        if [ $caching = 0 ]; then sel="not ($capture)"; else sel="$capture"; fi
+        PYTORCH_NO_CUDA_MEMORY_CACHING=$((1 - caching)) timeout ${SAN_GPU_TIMEOUT:-300} \
+          compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+          python3 -m pytest -v -m gpu -p no:cacheprovider ${SAN_GPU_TESTS:-tests} -k "$sel" 2>&1 \
+          | tee -a "$OUT/sanitizer_gpu.log" | grep -E "ERROR SUMMARY|passed|failed|error" | tail -4
       done ;;
     deterministic)
       timeout ${DET_TIMEOUT:-100} python3 benchmarks/bench_deterministic.py --runs 10 --out "$OUT" 2>&1 \

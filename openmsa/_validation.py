@@ -265,8 +265,9 @@ def _sanitized_cu(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k:
     lq, lk = cu_q.diff(), cu_k.diff()
     ok = ((cu_q[0] == 0) & (cu_k[0] == 0) & (cu_q[-1] == total_q) & (cu_k[-1] == total_k)
           & (lq >= 0).all() & (lq <= lk).all())
-    ends = torch.ones_like(cu_q)
-    ends[0] = 0
+    # [0, 1, ..., 1] built on the device: an indexed store of a Python scalar would be a
+    # host-to-device copy, which graph capture forbids.
+    ends = torch.arange(cu_q.numel(), device=cu_q.device, dtype=cu_q.dtype).clamp_max(1)
     return torch.where(ok, cu_q, ends * total_q), torch.where(ok, cu_k, ends * total_k)
 
 
