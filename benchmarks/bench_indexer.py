@@ -19,7 +19,7 @@ def bench(lens, topk=K, det=True, cfg=None, corr=False):
     qi, ki, cu = inputs(lens, corr)
     old = triton_impl.config
     if cfg is not None:
-        triton_impl.config = lambda di, dtype, topk: cfg
+        triton_impl.config = lambda di, dtype, topk, device=None: cfg
     try:
         fn = lambda: openmsa.indexer_topk(qi, ki, cu, cu, block_size=B, topk=topk,
                                           deterministic=det, backend="triton")

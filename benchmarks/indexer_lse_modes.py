@@ -1,4 +1,4 @@
-"""Indexer time with the two selected-LSE modes (OPENMSA_INDEX_LSE), random and
+"""Indexer time with the two selected-LSE modes (configs.Indexer.lse_mode), random and
 correlated queries, on a GPU.  python benchmarks/indexer_lse_modes.py"""
 import os
 import sys
@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import openmsa  # noqa: E402
 from openmsa.bench.gpu import bench  # noqa: E402
+from openmsa.ops.utils.configs import override  # noqa: E402
 
 for n in (8192, 32768, 131072, 524288, 1048576):
     gen = torch.Generator(device="cuda").manual_seed(n)
@@ -18,7 +19,8 @@ for n in (8192, 32768, 131072, 524288, 1048576):
     flops = 2 * 4 * 128 * n * (n + 1) // 2
     for corr, qi in (("random", qr.bfloat16()), ("correlated", (base + 0.25 * qr).bfloat16())):
         for mode in ("kv_outer", "union"):
-            os.environ["OPENMSA_INDEX_LSE"] = mode
-            r = bench(lambda i: lambda: openmsa.indexer_topk(qi, ki, cu, cu), 1, runs=10 if n <= 131072 else 3)
+            with override("indexer", lse_mode=mode):
+                r = bench(lambda i: lambda: openmsa.indexer_topk(qi, ki, cu, cu), 1,
+                          runs=10 if n <= 131072 else 3)
             print(f"{n:8d} {corr:10s} {mode:8s} {r['median_ms']:10.3f} ms {flops / r['median_ms'] / 1e9:7.1f} TFLOP/s",
                   flush=True)

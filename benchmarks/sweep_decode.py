@@ -1,5 +1,5 @@
 """Knob sweep of the paged decode at one case (default: 1M tokens, batch 1, 1 query token):
-index-scan pages per step and pipeline stages (OPENMSA_DECODE_INDEX_PAGES / _STAGES), index
+index-scan pages per step and pipeline stages (configs.DecodeIndex), index
 and attention split counts, for bf16 and FP8 index keys. CUDA-graph medians (us), as
 openmsa/bench/serving.py times them; no dense baseline.
 
@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from openmsa.bench import serving  # noqa: E402
+from openmsa.ops.utils.configs import override  # noqa: E402
 
 
 def main():
@@ -33,12 +34,11 @@ def main():
     gen = torch.Generator(device=dev).manual_seed(0)
     for fp8, pages, stages, warps, isp, asp in itertools.product(
             args.fp8, args.pages, args.stages, args.warps, args.index_splits, args.attention_splits):
-        os.environ["OPENMSA_DECODE_INDEX_PAGES"] = pages
-        os.environ["OPENMSA_DECODE_INDEX_WARPS"] = warps
-        os.environ["OPENMSA_DECODE_INDEX_STAGES"] = stages
         try:
-            r = serving.case(args.batch, args.context, args.q, dev, gen, index_splits=isp or None,
-                             dense=False, fp8=fp8, attention_splits=asp or None)
+            with override("decode_index", pages=int(pages), num_warps=int(warps),
+                          num_stages=int(stages)):
+                r = serving.case(args.batch, args.context, args.q, dev, gen, index_splits=isp or None,
+                                 dense=False, fp8=fp8, attention_splits=asp or None)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a knob setting
             print(f"fp8 {fp8:5s} pages {pages} stages {stages} warps {warps} splits {isp}/{asp}: "
                   f"{type(e).__name__} {str(e)[:80]}")

@@ -1,7 +1,7 @@
-"""Sweep launch settings of the Triton sparse KL loss on a GPU (env-driven knobs).
+"""Sweep launch settings of the Triton sparse KL loss on a GPU (knobs: entries of openmsa.ops.utils.configs).
 
     python benchmarks/sweep_kl.py --contexts 32768 131072
-    python benchmarks/sweep_kl.py --knobs "OPENMSA_KL_TILE_ROWS=32,64,128;OPENMSA_KL_WARPS=4,8"
+    python benchmarks/sweep_kl.py --knobs "kl_teacher.tile_rows=32,64,128;kl_teacher.num_warps=4,8"
 
 Times the loss + gradients (one fused forward pass; the backward only scales the stored
 gradients) with lse and index_lse passed in, as msa_attention does. Useful FLOPs per
@@ -10,7 +10,6 @@ the two gradient products 4*Di*B (full blocks; the causal tail is not discounted
 """
 
 import argparse
-import itertools
 import os
 import sys
 
@@ -21,16 +20,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import openmsa  # noqa: E402
 from openmsa.bench.cost_model import MSAConfig  # noqa: E402
 from openmsa.bench.gpu import bench, compiled_kernel_report, random_topk  # noqa: E402
+from openmsa.bench.sweep import applied, combinations  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--knobs", default="OPENMSA_KL_TILE_ROWS=32,64,128;OPENMSA_KL_WARPS=4,8;"
-                                       "OPENMSA_KL_SEGMENT_TILES=4,16")
+    ap.add_argument("--knobs", default="kl_teacher.tile_rows=32,64,128;kl_teacher.num_warps=4,8;"
+                                       "kl_teacher.segment_tiles=4,16")
     ap.add_argument("--no-grad", action="store_true", help="loss only (WITH_GRAD=False)")
     args = ap.parse_args()
-    knobs = [(kv.split("=")[0], kv.split("=")[1].split(",")) for kv in args.knobs.split(";")]
     cfg, dev = MSAConfig(), torch.device("cuda")
     hq, hkv, d, di, b = cfg.num_heads, cfg.num_kv_heads, 128, 128, cfg.block_size
     g = hq // hkv
@@ -46,10 +45,7 @@ def main():
         index_lse = torch.zeros(hkv, n, device=dev)  # values do not change the work
         entries = int((idx >= 0).sum())
         useful = entries * b * (2 * g * d + (2 if args.no_grad else 6) * di)
-        for combo in itertools.product(*[vals for _, vals in knobs]):
-            for (name, _), val in zip(knobs, combo):
-                os.environ[name] = val
-            label = " ".join(f"{name.replace('OPENMSA_', '')}={val}" for (name, _), val in zip(knobs, combo))
+        for label, settings in combinations(args.knobs):
             a, c = qi.detach().requires_grad_(not args.no_grad), ki.detach().requires_grad_(not args.no_grad)
 
             def fn():
@@ -57,7 +53,8 @@ def main():
                 if not args.no_grad:
                     loss.backward()
             try:
-                r = bench(lambda i: fn, 1, runs=10)
+                with applied(settings):
+                    r = bench(lambda i: fn, 1, runs=10)
             except Exception as exc:  # e.g. out of shared memory for a knob combination
                 print(f"{n:8d} {label:60s} failed: {type(exc).__name__}: {exc}"[:200], flush=True)
                 continue

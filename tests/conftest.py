@@ -1,6 +1,6 @@
 """Shared test setup: every test starts from the same torch RNG state.
 
-The markers ``slow`` and ``gpu`` are declared in pyproject.toml
+The marker ``gpu`` is declared in pyproject.toml
 ([tool.pytest.ini_options]); nothing is registered here.
 
 ``OPENMSA_TEST_DOT_ORDER=perturbed`` makes Triton's interpreter sum each dot product in
@@ -10,6 +10,7 @@ differently). The suite must pass either way: no test may depend on the CPU's fl
 rounding order.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -49,7 +50,36 @@ if os.environ.get("OPENMSA_TEST_DOT_ORDER") == "perturbed":
     _perturb_interpreter_dot()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """The tests' tensors are small: intra-op threads only add overhead, and on a shared CPU
+    OpenMP spin-waiting makes small ops ~100x slower. One thread per test process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def launch():
+    """``launch(name, **fields)``: change launch settings (openmsa.ops.utils.configs) for
+    the rest of the test, e.g. small tiles or several query chunks at small shapes."""
+    from openmsa.ops.utils.configs import override
+    with contextlib.ExitStack() as stack:
+        yield lambda name, **fields: stack.enter_context(override(name, **fields))

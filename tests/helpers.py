@@ -4,8 +4,9 @@ import torch
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; every entry of both must be finite."""
-    a, b = a.double(), b.double()
+    """||a - b|| / ||b|| in float64; same shapes, every entry of both finite."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, (a.shape, b.shape)
     assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite entries"
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

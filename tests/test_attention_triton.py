@@ -126,13 +126,12 @@ DENSE_CASES = [
 
 
 @pytest.mark.parametrize("case", range(len(DENSE_CASES)))
-def test_dense_attention_in_chunks_matches_reference(case, monkeypatch):
+def test_dense_attention_in_chunks_matches_reference(case, launch):
     """topk_indices=None (every visible token) on the Triton backend: the sparse kernels over
     chunks of blocks, merged like split-KV decoding; forward and backward against the
     reference. Chunks of 1-4 blocks here so that small shapes take several (the GPU runs 64)."""
-    from openmsa.ops.attention import dense
     lens_q, lens_k, hq, hkv, block, chunk, dtype = DENSE_CASES[case]
-    monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", chunk)
+    launch("dense_chunks", blocks=chunk)
     gen = torch.Generator().manual_seed(500 + case)
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, 32, dtype, gen)
     q = q * 2.0  # a peakier softmax than unit-scale random data
@@ -151,7 +150,7 @@ def test_dense_attention_in_chunks_matches_reference(case, monkeypatch):
 
 def test_dense_warmup_kl_chunk_indices():
     """Row t of chunk [c0, c0 + n) lists c0 .. min(c0 + n, local + 1) - 1, then -1."""
-    from openmsa.ops.attention.dense import dense_chunk_indices
+    from openmsa.ops.utils.schedule import dense_chunk_indices
     pos = torch.tensor([0, 15, 16, 47, 100], dtype=torch.int32)
     idx = dense_chunk_indices(pos, 2, 16, 2, 3)
     assert idx.shape == (2, 5, 3) and torch.equal(idx[0], idx[1])
@@ -167,7 +166,6 @@ def test_unsupported_block_size_names_the_argument():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("lens", [[8192], [32768], [3000, 128, 9000, 77, 20000]])
 def test_gpu_realistic_bf16(lens):
     gen = torch.Generator().manual_seed(sum(lens))
@@ -189,7 +187,6 @@ def test_gpu_realistic_bf16(lens):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_dense_attention_varlen_bf16():
     """Dense attention (topk_indices=None) over a varlen pack through the kernels in chunks
     of 64 blocks (71 blocks in the longest sequence: two chunks, the second partial), against
@@ -207,14 +204,13 @@ def test_gpu_dense_attention_varlen_bf16():
         assert rel(a, b) <= 2e-2, name
 
 
-@pytest.mark.parametrize("split,launch", [("0", "interleaved"), ("1", "interleaved"),
-                                          ("1", "separate")])
-def test_backward_split_and_fused_launches(split, launch, monkeypatch):
+@pytest.mark.parametrize("split,bwd_launch", [(False, "interleaved"), (True, "interleaved"),
+                                              (True, "separate")])
+def test_backward_split_and_fused_launches(split, bwd_launch, launch):
     """The fused backward (dQ, dK, dV in one pass) and the split one (dK/dV on half-block
     slices and dQ, as three interleaved roles of one grid or as two launches) give the
     reference's gradients."""
-    monkeypatch.setenv("OPENMSA_BWD_SPLIT", split)
-    monkeypatch.setenv("OPENMSA_BWD_LAUNCH", launch)
+    launch("attention_bwd", split=split, launch=bwd_launch)
     gen = torch.Generator().manual_seed(300)
     lens_q, lens_k, block = [40, 25], [100, 64], 32
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, torch.float32, gen)
@@ -227,7 +223,6 @@ def test_backward_split_and_fused_launches(split, launch, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_msa_attention_forward_backward_in_a_cuda_graph():
     """No host synchronisation in the layer's ops: indexer, sparse attention forward and
     backward and the KL (forward + backward) capture in one CUDA graph, and replaying it
@@ -284,10 +279,9 @@ def _hot_block_case(gen, dtype=torch.float32):
     return q, k, v, cu_q, cu_k, idx, block
 
 
-def _small_segments(monkeypatch):
-    monkeypatch.setenv("OPENMSA_BWD_TILE_ROWS", "16")  # 4 tokens x G_PAD = 4 heads
-    monkeypatch.setenv("OPENMSA_BWD_SEGMENT_TILES", "1")  # 4 entries per segment
-    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", str(1 << 19))  # query rows in 3 chunks
+def _small_segments(launch):
+    launch("attention_bwd", tile_rows=16, segment_tiles=1)  # 4 tokens x G_PAD = 4 heads
+    launch("scratch", partial_bytes=1 << 19)  # query rows in 3 chunks
 
 
 def _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, deterministic):
@@ -298,18 +292,17 @@ def _det_grads(q, k, v, idx, cu_q, cu_k, block, dout, deterministic):
     return qq.grad, kk.grad, vv.grad
 
 
-@pytest.mark.parametrize("split,launch", [("0", "interleaved"), ("1", "interleaved"),
-                                          ("1", "separate")])
-def test_deterministic_backward_hot_block(split, launch, monkeypatch):
+@pytest.mark.parametrize("split,bwd_launch", [(False, "interleaved"), (True, "interleaved"),
+                                              (True, "separate")])
+def test_deterministic_backward_hot_block(split, bwd_launch, launch):
     """deterministic=True: the segments of a hot block write their dK/dV sums to scratch
     slots, added in a fixed order (no atomics between programs). Two backward passes are
     bitwise equal and match the reference; the schedule really cuts the hot block (so the
     default path would race on a GPU; the interpreter runs programs one by one, so only
     the GPU test below can show the default path differ)."""
-    from openmsa.ops.attention.schedule import build_schedule, row_info
-    _small_segments(monkeypatch)
-    monkeypatch.setenv("OPENMSA_BWD_SPLIT", split)
-    monkeypatch.setenv("OPENMSA_BWD_LAUNCH", launch)
+    from openmsa.ops.utils.schedule import build_schedule, row_info
+    _small_segments(launch)
+    launch("attention_bwd", split=split, launch=bwd_launch)
     gen = torch.Generator().manual_seed(900)
     q, k, v, cu_q, cu_k, idx, block = _hot_block_case(gen)
     info = row_info(cu_q, cu_k, q.shape[0], k.shape[0], block)
@@ -326,12 +319,11 @@ def test_deterministic_backward_hot_block(split, launch, monkeypatch):
         assert rel(a, d) <= 1e-6, name
 
 
-def test_deterministic_backward_float16_and_dense(monkeypatch):
+def test_deterministic_backward_float16_and_dense(launch):
     """deterministic=True in float16 (sparse) and on the dense path (topk_indices=None,
     chunks of 2 blocks): bitwise-repeatable, reference tolerances."""
-    from openmsa.ops.attention import dense
-    _small_segments(monkeypatch)
-    monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", 2)
+    _small_segments(launch)
+    launch("dense_chunks", blocks=2)
     gen = torch.Generator().manual_seed(901)
     for dtype, use_idx in ((torch.float16, True), (torch.float32, False)):
         q, k, v, cu_q, cu_k, idx, block = _hot_block_case(gen, dtype)
@@ -346,7 +338,6 @@ def test_deterministic_backward_float16_and_dense(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("lens", [[8192], [16384]])
 def test_gpu_deterministic_backward_bf16(lens):
     """The realistic configuration (bf16, Hq=64, Hkv=4, D=128, B=128, K=16): with
@@ -373,7 +364,6 @@ def test_gpu_deterministic_backward_bf16(lens):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_msa_attention_deterministic_bitwise():
     """msa_attention(deterministic=True): the same out, loss and five gradients, bitwise,
     on a repeat (indexer order, sparse attention backward, KL dki)."""
@@ -448,14 +438,13 @@ def _reached(kind, idx, cu_q, cu_k, block, hq, hkv):
 
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("kind", POISONS)
-def test_non_finite_inputs_same_on_both_backends(kind, dense, monkeypatch):
+def test_non_finite_inputs_same_on_both_backends(kind, dense, launch):
     """One NaN/Inf in q, k or v (spec rule in api.sparse_attention): the Triton kernels and
     the reference give the same out/lse, non-finite entries at the same places (NaN out and
     lse for the rows it reaches; a -inf score weighs 0), the same values elsewhere, and
     every row the value cannot reach is bitwise what it was without it. The backward
     runs on both, and the other sequence's gradients stay finite and unchanged."""
-    from openmsa.ops.attention import dense as dense_mod
-    monkeypatch.setattr(dense_mod, "DENSE_CHUNK_BLOCKS", 2)
+    launch("dense_chunks", blocks=2)
     gen = torch.Generator().manual_seed(950)
     lens_q, lens_k, block, hq, hkv = [24, 12], [40, 12], 16, 8, 2
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, 32, torch.float32, gen)

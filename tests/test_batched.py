@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import openmsa
+from helpers import rel  # noqa: E402
 
 HQ, HKV, D, DI = 4, 2, 8, 8
 BS, TOPK = 4, 3
@@ -23,20 +24,9 @@ BATCH, LK = 3, 14  # 4 blocks per sequence, the last one partial
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a shared CPU OpenMP
-    spin-waiting makes every small op ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(a, b, tol=TOL):
@@ -44,7 +34,7 @@ def assert_close(a, b, tol=TOL):
     fa, fb = torch.isfinite(a), torch.isfinite(b)
     assert torch.equal(fa, fb)
     assert torch.equal(a[~fa], b[~fb])  # -inf lse of empty key sets, identically
-    assert rel_err(a[fa], b[fb]) <= tol
+    assert rel(a[fa], b[fb]) <= tol
 
 
 def cu(batch: int, length: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM,  # noqa: 
 from openmsa.integrations.transformers import (MSACacheLayer, MSAHFAttention,  # noqa: E402
                                                collect_kl_losses, convert_to_msa,
                                                index_parameters, msa_layers, set_msa_mode)
+from helpers import rel  # noqa: E402
 
 VOCAB, BS, TOPK = 128, 16, 2
 TOL = 1e-5
@@ -45,14 +46,6 @@ KINDS = {
 INDEX_NAMES = ("qi_proj", "ki_proj", "qi_norm", "ki_norm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and OpenMP spin-waits on a shared
-    CPU). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(kind="llama", attn="sdpa", layers=3, seed=0):
@@ -83,9 +76,6 @@ def tokens(batch=1, n=40, seed=1):
     return torch.randint(0, VOCAB, (batch, n), generator=g)
 
 
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------ (a) dense conversion
@@ -102,7 +92,7 @@ def test_dense_mode_keeps_outputs(kind, attn):
     convert_to_msa(model, first_dense_layers=1, block_size=BS, topk=TOPK)  # mode="dense"
     with torch.no_grad():
         out = model(ids, labels=ids)
-    assert rel_err(out.logits, ref.logits) <= TOL
+    assert rel(out.logits, ref.logits) <= TOL
     assert abs(out.loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item())
 
     # Original weights kept under their names; the new keys are the index branch only.
@@ -121,7 +111,7 @@ def test_dense_mode_keeps_outputs(kind, attn):
     set_msa_mode(model, "sparse")
     with torch.no_grad():
         sparse = model(ids).logits
-    assert rel_err(sparse, ref.logits) > 1e-2
+    assert rel(sparse, ref.logits) > 1e-2
 
 
 def test_dense_mode_generate_equals_original():
@@ -156,7 +146,7 @@ def test_layer_matches_openmsa_msattention(kind, mode):
     cos_sin = model.model.rotary_emb(x, pos)
     out, _ = attn(x, position_embeddings=cos_sin, attention_mask=None)
     want = ref(x)
-    assert rel_err(out, want) <= TOL
+    assert rel(out, want) <= TOL
     assert abs(attn.kl_loss.item() - ref.kl_loss.item()) <= TOL * ref.kl_loss.item()
 
 
@@ -330,7 +320,7 @@ def test_generate_with_msa_cache_equals_full_forward(kind):
     seq, steps = greedy_full_forward(model, ids, n)
     assert torch.equal(out.sequences, seq)
     for got, want in zip(out.logits, steps):
-        assert rel_err(got, want) <= 1e-5
+        assert rel(got, want) <= 1e-5
     # The index keys were cached, one per token of every MSA layer.
     cache = out.past_key_values
     for m in msa_layers(model):
@@ -362,11 +352,11 @@ def test_chunked_prefill_and_crop():
         cache = DynamicCache()
         model(ids[:, :30], past_key_values=cache, use_cache=True)
         chunk = model(ids[:, 30:], past_key_values=cache, use_cache=True).logits
-        assert rel_err(chunk, full[:, 30:]) <= TOL
+        assert rel(chunk, full[:, 30:]) <= TOL
         cache.crop(37)  # as assisted decoding does: drop rejected draft tokens
         assert all(cache.layers[m.layer_idx].index_length() == 37 for m in msa_layers(model))
         again = model(ids[:, 37:], past_key_values=cache, use_cache=True).logits
-        assert rel_err(again, full[:, 37:]) <= TOL
+        assert rel(again, full[:, 37:]) <= TOL
 
 
 # ------------------------------------------------------------------ (d) bad input
@@ -474,10 +464,10 @@ def assert_same_dense_training_step(model, ref, ids):
         results.append((out.logits, kl, {n: p.grad.clone() for n, p in m.named_parameters()
                                          if p.grad is not None}))
     (l1, k1, g1), (l2, k2, g2) = results
-    assert rel_err(l1, l2) < 1e-5 and rel_err(k1, k2) < 1e-5
+    assert rel(l1, l2) < 1e-5 and rel(k1, k2) < 1e-5
     assert g1.keys() == g2.keys() and len(g1) > 0
     for n in g1:
-        assert rel_err(g1[n], g2[n]) < 1e-4, n
+        assert rel(g1[n], g2[n]) < 1e-4, n
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
@@ -486,12 +476,15 @@ def assert_same_dense_training_step(model, ref, ids):
 def test_dense_mode_through_the_kernels_equals_the_reference_path(monkeypatch):
     """Dense mode with the KL, keys that fit 64 blocks and kernel-supported shapes runs as
     sparse mode with K = every block through the Triton kernels (here the interpreter):
-    logits, KL and every gradient equal the reference path; the kernel path is spied."""
-    import openmsa.integrations.transformers as integ
+    logits, KL and every gradient equal the reference path; the kernel path is spied (in
+    openmsa.layers.msa_attention, whose dense_warmup_attention runs every MSA layer's
+    dense mode)."""
+    import openmsa.layers.msa_attention as layer_mod
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    real = integ.msa_attention
-    monkeypatch.setattr(integ, "msa_attention", lambda *a, **kw: calls.append(kw["topk"]) or real(*a, **kw))
+    real = layer_mod.msa_attention
+    monkeypatch.setattr(layer_mod, "msa_attention",
+                        lambda *a, **kw: calls.append(kw["topk"]) or real(*a, **kw))
     cfg = LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=VOCAB,
                       max_position_embeddings=256, initializer_range=0.2, bos_token_id=None,

@@ -135,13 +135,12 @@ def test_hand_made_indices(pass_lse):
     assert torch.equal(got[1][3], torch.zeros_like(got[1][3]))
 
 
-def test_small_tiles_segments_and_row_chunks(monkeypatch):
+def test_small_tiles_segments_and_row_chunks(launch):
     """One token per teacher tile (G = 16), one tile per segment (a hot block is split
     over many programs whose dki meet in the atomics) and query rows in chunks of a few
     rows (tiny partial budget)."""
-    monkeypatch.setenv("OPENMSA_KL_TILE_ROWS", "16")
-    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "1")
-    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", "4096")
+    launch("kl_teacher", tile_rows=16, segment_tiles=1)
+    launch("scratch", partial_bytes=4096)
     gen = torch.Generator().manual_seed(6)
     lens_q, lens_k, block = [20, 9], [40, 9], 16
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 32, 2, 32, 32, torch.float32, gen)
@@ -150,11 +149,11 @@ def test_small_tiles_segments_and_row_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_student_walks_several_tiles_per_segment(dtype, monkeypatch):
+def test_student_walks_several_tiles_per_segment(dtype, launch):
     """Segments longer than the student's tile: the student pass loops over several
     16-entry tiles of one key block and accumulates dki across them."""
-    monkeypatch.setenv("OPENMSA_KL_STUDENT_ROWS", "16")
-    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "16")
+    launch("kl_student", rows=16)
+    launch("kl_teacher", segment_tiles=16)
     gen = torch.Generator().manual_seed(16)
     lens_q, lens_k, block = [90], [100], 16
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 4, 2, 32, 32, dtype, gen)
@@ -203,13 +202,12 @@ DENSE_CASES = [
 
 @pytest.mark.parametrize("case", range(len(DENSE_CASES)))
 @pytest.mark.parametrize("pass_lse", [False, True])
-def test_dense_warmup_kl_in_chunks_matches_reference(case, pass_lse, monkeypatch):
+def test_dense_warmup_kl_in_chunks_matches_reference(case, pass_lse, launch):
     """topk_indices=None (T = every visible token) runs the sparse kernels over chunks of
     blocks with the normalisers of all visible tokens; chunks of 1-4 blocks here so that
     small shapes take several (the GPU runs chunks of 64)."""
-    from openmsa.ops.attention import dense
     lens_q, lens_k, hq, hkv, d, di, block, chunk, dtype = DENSE_CASES[case]
-    monkeypatch.setattr(dense, "DENSE_CHUNK_BLOCKS", chunk)
+    launch("dense_chunks", blocks=chunk)
     gen = torch.Generator().manual_seed(400 + case)
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, di, dtype, gen)
     q = q * 2.0  # a peakier teacher than unit-scale random data
@@ -258,7 +256,6 @@ def test_unsupported_shapes_name_the_argument(kw, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("lens_q,lens_k", [([8192], [8192]),
                                            ([3000, 128, 4000, 77, 1000], [3000, 600, 6000, 77, 2500])])
 @pytest.mark.parametrize("pass_lse", [False, True])
@@ -281,7 +278,6 @@ def test_gpu_realistic_bf16(lens_q, lens_k, pass_lse):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("lens_q,lens_k,hq,hkv,d,b", [([16384], [16384], 8, 2, 64, 64),
                                                       ([8192], [8192], 64, 4, 128, 128),
                                                       ([3000, 77, 5000], [9000, 77, 5000], 64, 4, 128, 128)])
@@ -307,18 +303,16 @@ def _det_kl(q, k, qi, ki, idx, cu_q, cu_k, block, deterministic):
 
 @pytest.mark.parametrize("dense,dtype", [(False, torch.float32), (False, torch.float16),
                                          (True, torch.float32)])
-def test_deterministic_dki_hot_block(dense, dtype, monkeypatch):
+def test_deterministic_dki_hot_block(dense, dtype, launch):
     """deterministic=True: per-group dki accumulators and, for a key block cut into many
     segments (block 0 selected by every row of the first sequence, 4 entries per
     segment), scratch slots added in tile order. Bitwise-repeatable, reference tolerances,
     the same as the default path to rounding. The dense KL (topk_indices=None, chunks of
     2 blocks) too."""
-    from openmsa.ops.attention import dense as dense_mod
-    from openmsa.ops.attention.schedule import build_schedule, row_info
-    monkeypatch.setenv("OPENMSA_KL_TILE_ROWS", "16")  # 4 tokens x G_PAD = 4 heads
-    monkeypatch.setenv("OPENMSA_KL_SEGMENT_TILES", "1")
-    monkeypatch.setenv("OPENMSA_PARTIAL_BYTES", str(1 << 17))  # query rows in chunks
-    monkeypatch.setattr(dense_mod, "DENSE_CHUNK_BLOCKS", 2)
+    from openmsa.ops.utils.schedule import build_schedule, row_info
+    launch("kl_teacher", tile_rows=16, segment_tiles=1)  # 4 tokens x G_PAD = 4 heads
+    launch("scratch", partial_bytes=1 << 17)  # query rows in chunks
+    launch("dense_chunks", blocks=2)
     gen = torch.Generator().manual_seed(910)
     lens_q, lens_k, block = [60, 20], [80, 20], 16
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, 8, 2, 32, 32, dtype, gen)
@@ -341,7 +335,6 @@ def test_deterministic_dki_hot_block(dense, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dense", [False, True])
 def test_gpu_deterministic_bf16(dense):
     """Realistic configuration (bf16, Hq=64, Hkv=4, D=Di=128, B=128, K=16), 16K tokens:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 import openmsa  # noqa: E402
+from helpers import rel  # noqa: E402
 from brute_force import (  # noqa: E402
     bf_all_blocks_indices,
     bf_block_scores_matrix,
@@ -85,16 +86,11 @@ def randn(shape, gen, dtype=torch.float32):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def rel_err(a, b):
-    a = a.detach().to(torch.float64)
-    b = b.detach().to(torch.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
 
 
 def assert_rel(a, b, tol, what):
     assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    err = rel_err(a, b)
+    err = rel(a, b)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
@@ -108,7 +104,7 @@ def assert_lse(a, b, tol, what):
     assert not torch.isposinf(a).any()
     fin = torch.isfinite(b)
     if fin.any():
-        err = rel_err(a[fin], b[fin])
+        err = rel(a[fin], b[fin])
         assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
@@ -178,7 +174,7 @@ def test_bruteforce_self_consistency(gen):
     q, k, v, cu_q, cu_k = main_inputs(pack, 2, 2, 8, gen, torch.float64)
     out, _ = bf_sparse_attention(q, k, v, None, cu_q, cu_k, 4, 0.3)
     ref = bf_dense_masked_attention(q, k, v, cu_q, cu_k, 0.3)
-    assert rel_err(out, ref) < 1e-12
+    assert rel(out, ref) < 1e-12
     qi, ki = randn((q.shape[0], 2, 8), gen, torch.float64), randn((k.shape[0], 1, 8), gen, torch.float64)
     idx, _ = bf_indexer_topk(qi, ki, cu_q, cu_k, 4, 3, 0.5)
     qi.requires_grad_(True)
@@ -186,7 +182,7 @@ def test_bruteforce_self_consistency(gen):
     loss = bf_kl(q, k, qi, ki, idx, cu_q, cu_k, 4, 0.3, 0.5, coeff=1.7)
     gqi, gki = torch.autograd.grad(loss, (qi, ki))
     aqi, aki = bf_kl_grad(q, k, qi, ki, idx, cu_q, cu_k, 4, 0.3, 0.5, coeff=1.7)
-    assert rel_err(gqi, aqi) < 1e-12 and rel_err(gki, aki) < 1e-12
+    assert rel(gqi, aqi) < 1e-12 and rel(gki, aki) < 1e-12
     # token set rules
     assert bf_token_set([-1, 0, 0, 9], p=5, lk=8, block_size=4) == [0, 1, 2, 3]
     assert bf_token_set([1], p=5, lk=8, block_size=4) == [4, 5]

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "experiments" / "retrieval"
-sys.path.insert(0, str(EXP))
-
-import evaluate  # noqa: E402
-import model as M  # noqa: E402
-import plot  # noqa: E402
-import task as T  # noqa: E402
-import train  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Toy tensors: extra intra-op threads only add overhead (and OpenMP spin-waiting on a
-    busy CPU can make small ops much slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+from experiments.retrieval import evaluation
+from experiments.retrieval import model as M
+from experiments.retrieval import plot
+from experiments.retrieval import task as T
+from experiments.retrieval import train
+from helpers import rel
 
 
 TINY_TASK = T.TaskConfig(num_keys=32, num_values=16, num_noise=16, num_pairs=8, num_queries=4)
@@ -278,7 +262,7 @@ def _group_probs(q, k, grp, t):
 
 
 def brute_force_recall(q, k, idx, bs):
-    """Per (g, t) loops: the definitions of evaluate.py's docstring."""
+    """Per (g, t) loops: the definitions of evaluation.py's docstring."""
     n = q.shape[0]
     hkv, _, kk = idx.shape
     rec, mrec = [], []
@@ -302,11 +286,11 @@ def test_recall_matches_brute_force():
     qi, ki = torch.randn(n, hkv, d), torch.randn(n, 1, d)
     idx, _ = __import__("openmsa").indexer_topk(qi[None], ki[None], block_size=bs, topk=kk)
     idx = idx[:, 0]
-    st = evaluate.block_recall_stats(q, k, idx, bs, max_bytes=4096)  # several row chunks
+    st = evaluation.block_recall_stats(q, k, idx, bs, max_bytes=4096)  # several row chunks
     br, mr = brute_force_recall(q, k, idx, bs)
     assert st["block_recall"] == pytest.approx(br, abs=1e-5)
     assert st["mass_recall"] == pytest.approx(mr, abs=1e-5)
-    rows = evaluate.block_recall_stats(q, k, idx, bs, max_bytes=4096, per_row=True)["rows"]
+    rows = evaluation.block_recall_stats(q, k, idx, bs, max_bytes=4096, per_row=True)["rows"]
     assert rows["mass_recall"].shape == (hkv, n)
     assert torch.isnan(rows["mass_recall"][:, : kk * bs]).all()  # rows with <= K blocks
     assert rows["mass_recall"].nanmean().item() == pytest.approx(mr, abs=1e-5)
@@ -318,8 +302,8 @@ def test_recall_matches_brute_force():
             mass = torch.zeros(t // bs + 1).index_add_(0, torch.arange(t + 1) // bs, p)
             top = mass.topk(min(kk, t // bs + 1)).indices
             oracle[grp, t, : len(top)] = top
-    st = evaluate.block_recall_stats(q, k, oracle, bs, answer_rows=torch.tensor([30, 39]),
-                                     value_pos=torch.tensor([5, 21]))
+    st = evaluation.block_recall_stats(q, k, oracle, bs, answer_rows=torch.tensor([30, 39]),
+                                       value_pos=torch.tensor([5, 21]))
     assert st["block_recall"] == pytest.approx(1.0) and st["mass_recall"] == pytest.approx(1.0)
     assert 0 <= st["pair_hit"] <= 1 and st["answer_mass_recall"] == pytest.approx(1.0)
     # pair hit: row 30 holds block 1 (value 5) in group 0 only; row 39 holds block 5 (value
@@ -328,8 +312,8 @@ def test_recall_matches_brute_force():
     sel[0, 30, 0] = 1
     sel[1, 30, 0] = 2
     sel[:, 39, 0] = 3
-    st = evaluate.block_recall_stats(q, k, sel, bs, answer_rows=torch.tensor([30, 39]),
-                                     value_pos=torch.tensor([5, 21]))
+    st = evaluation.block_recall_stats(q, k, sel, bs, answer_rows=torch.tensor([30, 39]),
+                                       value_pos=torch.tensor([5, 21]))
     assert st["pair_hit"] == pytest.approx(0.25) and st["pair_hit_any_group"] == pytest.approx(0.5)
 
 
@@ -358,7 +342,7 @@ def test_local_oracle_recall_is_the_best_selection_holding_the_local_block():
     n, hq, hkv, d, bs, kk = 48, 4, 2, 8, 4, 3
     q, k = torch.randn(n, hq, d) * 2, torch.randn(n, hkv, d)
     best, ceiling = _local_block_selection(q, k, bs, kk, lambda p, blk, mass: mass)
-    st = evaluate.block_recall_stats(q, k, best, bs, max_bytes=4096)
+    st = evaluation.block_recall_stats(q, k, best, bs, max_bytes=4096)
     assert st["local_oracle_recall"] == pytest.approx(ceiling, abs=1e-5)
     assert st["mass_recall_vs_local_oracle"] == pytest.approx(1.0, abs=1e-6)
     assert st["mass_recall"] == pytest.approx(st["local_oracle_recall"], abs=1e-6)
@@ -371,7 +355,7 @@ def test_perfect_student_recall_is_block_max_selection_on_the_teacher():
     q, k = torch.randn(n, hq, d) * 2, torch.randn(n, hkv, d)
     peak = lambda p, blk, mass: torch.full_like(mass, -1.0).scatter_reduce_(0, blk, p, "amax")  # noqa: E731
     pick, want = _local_block_selection(q, k, bs, kk, peak)
-    st = evaluate.block_recall_stats(q, k, pick, bs, max_bytes=4096)
+    st = evaluation.block_recall_stats(q, k, pick, bs, max_bytes=4096)
     assert st["perfect_student_recall"] == pytest.approx(want, abs=1e-5)
     assert st["mass_recall"] == pytest.approx(st["perfect_student_recall"], abs=1e-5)
     assert st["perfect_student_recall"] <= st["local_oracle_recall"] + 1e-6
@@ -440,12 +424,12 @@ def test_every_variant_end_to_end(tmp_path):
     for name in ("conv_dense_long", "conv_cut", "conv_long_only"):
         shutil.rmtree(runs / name)
 
-    evaluate.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]
-                  + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu",
-                     "--ablate-seqs", "2"])
+    evaluation.main(["--runs"] + [str(runs / v) for v in ("dense", "window", "msa_native", "msa_converted")]
+                    + ["--contexts", "128", "256", "--eval-seqs", "4", "--recall-seqs", "1", "--device", "cpu",
+                       "--ablate-seqs", "2"])
     ev = json.loads((runs / "msa_native" / "eval.json").read_text())
     c = ev["contexts"]["256"]
-    assert 0 <= c["acc"] <= 1 and len(c["acc_by_depth"]) == evaluate.DEPTH_BINS
+    assert 0 <= c["acc"] <= 1 and len(c["acc_by_depth"]) == evaluation.DEPTH_BINS
     assert len(c["recall"]) == 2 and 0 <= c["recall_mean"]["mass_recall"] <= 1 + 1e-6
     assert "recall" not in json.loads((runs / "dense" / "eval.json").read_text())["contexts"]["256"]
     assert len(c["ablation_acc"]) == 2 and all(0 <= x <= 1 for x in c["ablation_acc"])
@@ -455,8 +439,8 @@ def test_every_variant_end_to_end(tmp_path):
                       "--haystack", "chain", "--lm-weight", "1.0", "--warmup-steps", "1"])
     log = json.loads((runs / "chain" / "log.json").read_text())
     assert all(0 <= r["lm_acc"] <= 1 and r["lm_loss"] > 0 for r in log["train"])
-    evaluate.main(["--runs", str(runs / "chain"), "--contexts", "128", "--eval-seqs", "4",
-                   "--recall-seqs", "1", "--device", "cpu"])
+    evaluation.main(["--runs", str(runs / "chain"), "--contexts", "128", "--eval-seqs", "4",
+                     "--recall-seqs", "1", "--device", "cpu"])
     f = json.loads((runs / "chain" / "eval.json").read_text())["contexts"]["128"]["filler"]
     assert 0 <= f["acc"] <= 1 and f["targets"] > 0
     shutil.rmtree(runs / "chain")  # the report below wants the four variants only
@@ -510,7 +494,7 @@ def test_attention_ablation_changes_only_while_hooked():
     seen = []
     h = model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out))
     ref = model(tokens, positions=pos)
-    accs = evaluate.attention_ablation(model, data, 4, torch.device("cpu"), contextlib.nullcontext)
+    accs = evaluation.attention_ablation(model, data, 4, torch.device("cpu"), contextlib.nullcontext)
     h.remove()
     assert len(accs) == 2 and all(0 <= x <= 1 for x in accs)
     assert torch.equal(model(tokens, positions=pos), ref)  # the ablation hooks are gone

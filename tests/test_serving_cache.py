@@ -579,7 +579,6 @@ def test_paged_msa_reference_validates_both_branches_first():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_append_triton_cuda_large_pool_int64_offsets():
     """A pool of more than 2**31 elements: a token in the last page must land there
     (int32 offsets would wrap). Also auto (Triton on CUDA) = reference on a random step,

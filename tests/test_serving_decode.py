@@ -115,10 +115,10 @@ def test_decode_matches_reference(kv_lens, qlens, hq, hkv, topk, plan_kw):
     check(kv_lens, qlens, hq=hq, hkv=hkv, topk=topk, seed=sum(kv_lens), **plan_kw)
 
 
-@pytest.mark.parametrize("pages", ["1", "4"])
-def test_index_scan_pages_per_iteration(pages, monkeypatch):
+@pytest.mark.parametrize("pages", [1, 4])
+def test_index_scan_pages_per_iteration(pages, launch):
     """The scan reads PAGES pages per step; a split's page count need not divide by it."""
-    monkeypatch.setenv("OPENMSA_DECODE_INDEX_PAGES", pages)
+    launch("decode_index", pages=pages)
     check([300, 77, 16], [1, 3, 2], topk=5, seed=9, index_splits=3, attention_splits=2)
 
 
@@ -286,14 +286,12 @@ def test_run_rejects_bad_tensors():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kv_lens,qlens", [([8192, 20000, 130], [1, 1, 1]), ([32768, 5000], [8, 16])])
 def test_gpu_realistic_bf16(kv_lens, qlens):
     check(kv_lens, qlens, hq=64, hkv=4, d=128, di=128, bs=128, topk=16, dtype=torch.bfloat16, seed=1)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fp8_decode_bf16_queries():
     """The FP8 paths compiled for the GPU: FP8 index keys with FP8 and with bf16 index
     queries, FP8 K/V pages. Two checks, so that a flipped near-tie in the selection does not
@@ -328,7 +326,6 @@ def test_gpu_fp8_decode_bf16_queries():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_run_replays_in_a_cuda_graph():
     """run() captured once; plan() with new lengths (same shapes) and new query values,
     then a replay gives the reference's results."""

@@ -150,7 +150,6 @@ def test_bad_page_ids_behind_plans_back_are_memory_safe():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_chunked_prefill_bf16():
     """Chunks of 2K and 3K new tokens on 10K and 20K cached tokens, realistic shapes."""
     check([12000, 23000], [2048, 3000], hq=64, hkv=4, d=128, di=128, bs=128, topk=16,
@@ -158,7 +157,6 @@ def test_gpu_chunked_prefill_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_prefill_run_replays_in_a_cuda_graph():
     """run() captured once (its schedule scratch comes from the graph's pool); plan() with
     new lengths of the same shapes and new queries, then a replay gives the reference's

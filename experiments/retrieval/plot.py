@@ -1,8 +1,8 @@
 """Plots, a markdown table and a JSON summary of the retrieval experiment.
 
-    python experiments/retrieval/plot.py --runs-dir out/retrieval --out experiments/retrieval/results/h100
+    python -m experiments.retrieval.plot --runs-dir out/retrieval --out experiments/retrieval/results/h100
 
-Reads every ``<runs-dir>/<variant>/{config,log,eval}.json`` (train.py / evaluate.py) and
+Reads every ``<runs-dir>/<variant>/{config,log,eval}.json`` (train.py / evaluation.py) and
 writes to --out:
   accuracy_vs_context.png   answer accuracy per variant and context length
   loss_curves.png           training CE (and the MSA KL) per step, validation accuracy
@@ -89,7 +89,7 @@ USED_DROP = 0.10  # a layer the task uses: mean-ablating its attention costs > 1
 
 
 def layer_analysis(runs: dict, contexts: list[int]) -> dict:
-    """Per MSA run and context: the layers whose attention the task uses (evaluate.py's
+    """Per MSA run and context: the layers whose attention the task uses (evaluation.py's
     mean ablation costs more than USED_DROP of accuracy) and their mass recall, over all
     positions and over answer positions. Reported beside the targets, not instead of them."""
     out = {}
@@ -165,7 +165,7 @@ def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
                       "(the local block + the K - 1 heaviest others); *recall vs that selection*: "
                       "selected mass / its mass; *perfect index*: the recall of the spec's "
                       "block-max selection run on the teacher distribution itself, i.e. with an "
-                      "index that matches the teacher exactly (evaluate.py, `block_recall_stats`; "
+                      "index that matches the teacher exactly (evaluation.py, `block_recall_stats`; "
                       "'-': not measured by that run's code).", "",
                       "| variant | context | mass recall | ceiling (local block kept) | "
                       "mass recall vs the best such selection | perfect index (block max) |",
@@ -181,7 +181,7 @@ def markdown(runs: dict, contexts: list[int], targets: dict) -> str:
     if abl:
         lines += ["", "## Per layer: accuracy (%) with that layer's attention mean-ablated, and "
                   "the indexer's mass recall (all positions / answer positions)", "",
-                  "Mean ablation (evaluate.py): the layer's attention output replaced by its mean over "
+                  "Mean ablation (evaluation.py): the layer's attention output replaced by its mean over "
                   "the sequence. A layer whose ablation costs little is one the task does not use; "
                   "its attention pattern is then free, and its recall says little about retrieval.", "",
                   "| variant | context | accuracy | " + " | ".join(

@@ -31,7 +31,7 @@
 #                    (the device returns files of <= 16 MiB): cat VARIANT.tgz.part* > VARIANT.tgz
 #
 # GPU-time estimate (the fourth run, one H100 per run: nvidia-h100-x4, one lane per GPU, as in
-# results/h100_run4_occ8/calls/): dense 130 s + 25 s evaluation, converted 130-150 s + 40 s,
+# runs/occ8_*.sh): dense 130 s + 25 s evaluation, converted 130-150 s + 40 s,
 # native 240-275 s + 40 s, window 115 s; a dense -> converted lane ~6 min. Older estimates:
 # (one H100; the second run, alone on the GPU): dense ~2.3 min, window
 # ~2 min, msa_native ~4 min, msa_converted ~2.3 min (each with its evaluation), plots
@@ -163,9 +163,9 @@ run() {  # run VARIANT [train.py args...]: train, evaluate, pack; logs next to t
     local t0=$SECONDS lim
     lim=$(time_limit)
     echo "=== $v: $(date -u +%H:%M:%S), training time limit ${lim} s (0 = none)"
-    "$PY" "$HERE/train.py" --variant "$v" --out "$OUT/$v" "${COMMON[@]}" --time-limit "$lim" "$@" \
+    "$PY" -m experiments.retrieval.train --variant "$v" --out "$OUT/$v" "${COMMON[@]}" --time-limit "$lim" "$@" \
         "${EXTRA[@]}" 2>&1 | tee "$OUT/$v/train.log"
-    "$PY" "$HERE/evaluate.py" --runs "$OUT/$v" --contexts "${CTX[@]}" "${EVAL[@]}" \
+    "$PY" -m experiments.retrieval.evaluation --runs "$OUT/$v" --contexts "${CTX[@]}" "${EVAL[@]}" \
         2>&1 | tee "$OUT/$v/eval.log"
     pack "$v"
     echo "=== $v done in $((SECONDS - t0)) s"
@@ -195,7 +195,7 @@ else
 fi
 
 if want plot; then
-    "$PY" "$HERE/plot.py" --runs-dir "$OUT" --out "$OUT/report"
+    "$PY" -m experiments.retrieval.plot --runs-dir "$OUT" --out "$OUT/report"
 fi
 echo "=== all done in $((SECONDS - T0)) s"
 

@@ -1,7 +1,7 @@
 """Train one variant of the retrieval experiment (one run = one config = one output dir).
 
-    python experiments/retrieval/train.py --variant dense --out out/retrieval/dense
-    python experiments/retrieval/train.py --variant msa_converted --init out/retrieval/dense \
+    python -m experiments.retrieval.train --variant dense --out out/retrieval/dense
+    python -m experiments.retrieval.train --variant msa_converted --init out/retrieval/dense \
         --out out/retrieval/msa_converted
 
 Variants (README.md has the full story):
@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,11 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model import (Decoder, ModelConfig, convert_dense_to_msa, count_parameters,  # noqa: E402
-                   index_parameters, kl_loss, msa_layers, set_msa_mode)
-from task import HAYSTACKS, TaskConfig, eval_set, make_batch  # noqa: E402
-from evaluate import answer_accuracy, filler_ce, indexer_recall  # noqa: E402
+from experiments.retrieval.evaluation import answer_accuracy, filler_ce, indexer_recall
+from experiments.retrieval.model import (Decoder, ModelConfig, convert_dense_to_msa, count_parameters,
+                                         index_parameters, kl_loss, msa_layers, set_msa_mode)
+from experiments.retrieval.task import HAYSTACKS, TaskConfig, eval_set, make_batch
 
 VARIANTS = ("dense", "window", "msa_native", "msa_converted")
 ATTN_OF = {"dense": "dense", "window": "window", "msa_native": "msa", "msa_converted": "msa"}
@@ -152,7 +150,7 @@ def parse_args(argv=None):
                         "0: 8192 on CUDA (fewer, larger chunks: the reference is launch-bound "
                         "there), the library default on CPU")
     g.add_argument("--recall-every", type=int, default=0,
-                   help="MSA runs: the indexer's recall (evaluate.py's metric) every N steps of "
+                   help="MSA runs: the indexer's recall (evaluation.py's metric) every N steps of "
                         "each phase, at the first --recall-contexts length, and at the end of the "
                         "converted index warmup at every --recall-contexts length (0: never)")
     g.add_argument("--recall-contexts", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -437,7 +435,7 @@ def main(argv=None):
         set_msa_mode(model, "sparse")
         model.eval()
         for length in contexts:
-            if length not in recall_sets:  # evaluate.py's evaluation sequences (its seed)
+            if length not in recall_sets:  # evaluation.py's evaluation sequences (its seed)
                 recall_sets[length] = eval_set(tcfg, length, a.recall_seqs, 1234)
             per_layer = indexer_recall(model, recall_sets[length], device, autocast)
             log.add_recall(step, phase, length, per_layer)

@@ -4,8 +4,8 @@
     qi, ki  = sg(x) Wqi, sg(x) Wki       (Hkv index heads, one shared index key head)
     qi, ki get the same RMSNorm option and (partial) RoPE as q, k
     sparse: indices = Index Branch(qi, ki); o = Main Branch(q, k, v, indices)
-    dense:  o = full causal attention; KL over all visible tokens (warmup); through the
-            Triton kernels as sparse mode with K = every block where they fit (all_blocks_topk)
+    dense:  o = full causal attention; KL over all visible tokens (warmup), chosen by
+            dense_warmup_attention (shared with the transformers integration)
     out = o Wo;  self.kl_loss = KL (unscaled; the trainer adds lambda * kl_loss)
 
 The index projections read a detached input, so the KL trains only Wqi/Wki (and
@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import _validation as V
 from .._backend import resolve
+from ..ops.utils.shapes import all_stages_support
 from ..api import indexer_kl_loss, msa_attention, sparse_attention
 from .rope import apply_rope, rope_cos_sin
 
@@ -49,15 +50,73 @@ def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_di
     if any(resolve(op, backend, device) != "triton"
            for op in ("indexer_topk", "sparse_attention", "indexer_kl_loss")):
         return None
-    from ..ops.attention import triton_impl as attn_impl
-    from ..ops.indexer import triton_impl as index_impl
-    from ..ops.kl import triton_impl as kl_impl
     nblocks = -(-num_keys // block_size)
-    ok = (nblocks <= min(index_impl.MAX_TOPK, kl_impl.MAX_TOPK)
-          and all(block_size in m.SUPPORTED_BLOCK_SIZES for m in (attn_impl, index_impl, kl_impl))
-          and all(head_dim in m.SUPPORTED_HEAD_DIMS for m in (attn_impl, kl_impl))
-          and all(index_head_dim in m.SUPPORTED_HEAD_DIMS for m in (index_impl, kl_impl)))
+    ok = all_stages_support(block_size, head_dim, index_head_dim, nblocks)
     return nblocks if ok else None
+
+
+def dense_warmup_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *,
+                           block_size: int, backend: str, softmax_scale: float | None = None,
+                           compute_kl: bool = True, dense_block_size: int | None = None,
+                           batch_shape: tuple[int, int] | None = None):
+    """Dense mode of an MSA layer (the warmup of docs/spec.md section 6): full causal
+    attention and, with ``compute_kl``, the indexer KL over all visible tokens. Returns
+    ``(out, kl)``, kl None without ``compute_kl``.
+
+    Every MSA attention module (:class:`MSAttention`, the transformers integration's
+    ``MSAHFAttention``) runs its dense mode through this one function, so that for the
+    same inputs they take the same path.
+
+    Inputs in either form of the ops: batched q ``[b, Lq, Hq, D]``, k, v ``[b, Lk, Hkv,
+    D]``, qi ``[b, Lq, Hkv, Di]``, ki ``[b, Lk, 1, Di]`` (the queries are the last Lq of the
+    Lk keys) with no cu_seqlens; or packed ``[total, heads, dim]`` with ``cu_seqlens_q`` /
+    ``cu_seqlens_k``, where ``batch_shape = (b, n)`` says that the pack is b sequences of n
+    tokens each (queries and keys alike) and None that it is a varlen pack.
+
+    The first path that applies:
+
+    1. KL wanted, every sequence with the same number of keys, and the Triton kernels run
+       all three stages at these shapes with K = every block (:func:`all_blocks_topk`):
+       ``msa_attention`` with that K, which is dense attention and the dense KL exactly,
+       at kernel speed.
+    2. Equal-length sequences without a cached prefix, on a backend other than
+       "reference": the Main Branch through torch SDPA (:func:`dense_causal_gqa`); SDPA
+       gives no LSE, so the dense KL computes the teacher's normaliser itself. The
+       reference backend stays on openmsa's own reference ops throughout.
+    3. Otherwise (varlen packs, a cached prefix, the reference backend):
+       ``sparse_attention`` with ``topk_indices=None`` (the sparse kernels over chunks of
+       blocks, ``openmsa.ops.attention.dense``) and the dense KL reusing its LSE.
+
+    ``block_size`` is the Index Branch's B, the block size of path 1. ``dense_block_size``
+    is the one given to the dense ops of paths 2 and 3: it only sets how they cut the keys
+    into chunks, not the result beyond float rounding; None leaves the ops' default.
+    """
+    if cu_seqlens_q is None:
+        num_keys, no_prefix = k.shape[1], k.shape[1] == q.shape[1]
+    else:
+        num_keys = None if batch_shape is None else batch_shape[1]
+        no_prefix = batch_shape is not None
+    if compute_kl and num_keys is not None and (kall := all_blocks_topk(
+            num_keys, block_size, q.shape[-1], qi.shape[-1], backend, q.device)):
+        o, kl, _ = msa_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                                 topk=kall, softmax_scale=softmax_scale, backend=backend)
+        return o, kl
+    dense_kw = dict(backend=backend, softmax_scale=softmax_scale)
+    if dense_block_size is not None:
+        dense_kw["block_size"] = dense_block_size
+    if no_prefix and backend != "reference":
+        if cu_seqlens_q is None:
+            o = dense_causal_gqa(q, k, v, scale=softmax_scale)
+        else:
+            b, n = batch_shape
+            o = dense_causal_gqa(*(y.view(b, n, -1, y.shape[-1]) for y in (q, k, v)),
+                                 scale=softmax_scale).reshape(q.shape)
+        lse = None
+    else:
+        o, lse = sparse_attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, **dense_kw)
+    kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu_seqlens_q, cu_seqlens_k, lse=lse,
+                         **dense_kw) if compute_kl else None
+    return o, kl
 
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts
@@ -261,21 +320,10 @@ class MSAttention(IndexBranchMixin, nn.Module):
         elif self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
                                      topk=self.topk, backend=self.backend)
-        elif x_in.dim() == 3 and cu_seqlens is None and (kall := all_blocks_topk(
-                x_in.shape[1], self.block_size, d, di, self.backend, x.device)):
-            # dense mode as sparse mode with K = every block (see all_blocks_topk)
-            o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
-                                     topk=kall, backend=self.backend)
-        elif x_in.dim() == 3 and cu_seqlens is None and self.backend != "reference":
-            # dense mode on equal-length sequences: SDPA gives no LSE, so the dense KL
-            # computes the teacher's normaliser itself
-            b, n = x_in.shape[:2]
-            o = dense_causal_gqa(*(y.view(b, n, -1, d) for y in (q, k, v))).reshape(t, hq, d)
-            kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, backend=self.backend)
-        else:  # varlen packs: the sparse kernels over chunks of blocks (ops/attention/dense.py)
-            o, lse = sparse_attention(q, k, v, None, cu, cu, backend=self.backend)
-            kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu, cu, lse=lse,
-                                 backend=self.backend)
+        else:  # batched x is a pack of equal-length sequences (batch_shape): faster paths
+            o, kl = dense_warmup_attention(
+                q, k, v, qi, ki, cu, cu, block_size=self.block_size, backend=self.backend,
+                batch_shape=tuple(x_in.shape[:2]) if x_in.dim() == 3 else None)
         self.kl_loss = kl
         return self.o_proj(o.reshape(t, hq * d)).view(x_in.shape)
 

@@ -15,14 +15,17 @@ addressing).
 Not imported by ``openmsa/__init__.py``: import ``openmsa.serving`` explicitly.
 """
 
-from .cache import PagedMSACache, append_paged_kv, check_pools, slot_mapping
+from .append import append_paged_kv
+from .checks import check_pools
 from .decode import MSADecodeWrapper
 from .fp8 import append_index_scales, quantize_fp8_per_token
+from .pool import PagedMSACache
 from .prefill import MSAPrefillWrapper
 from .reference import (
     gather_paged, paged_indexer_topk_reference, paged_msa_reference,
     paged_sparse_attention_reference,
 )
+from .slots import slot_mapping
 
 __all__ = [
     "MSADecodeWrapper", "MSAPrefillWrapper", "PagedMSACache", "quantize_fp8_per_token",

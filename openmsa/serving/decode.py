@@ -36,13 +36,12 @@ section 4); serving needs no index LSE, so none is computed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from .. import _backend
-from ._plan import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
+from ..ops.utils.configs import launch_config
+from .checks import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
 _KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
             "decode_attention_split_kernel", "decode_attention_merge_kernel")
@@ -140,7 +139,7 @@ class MSADecodeWrapper:
         p["row_seq"].copy_(torch.tensor(seq, dtype=torch.int32))
         p["row_pos"].copy_(torch.tensor(pos, dtype=torch.int32))
         p["pages_per_split"].fill_(max(1, -(-max_blocks // idx_splits)))
-        p["scan"] = self._scan_config(rows)
+        p["scan"] = self._scan_config(rows, device)
         p["lens"], p["max_page"] = lens, max_page
         self._plan = p
 
@@ -241,26 +240,26 @@ class MSADecodeWrapper:
         return None
 
     @staticmethod
-    def _index_pages(rows: int, fp8: bool = False) -> int:
-        """Index-key pages per scan step: for up to 16 rows 2 pages (more bytes in flight for
-        the few programs of a small batch: 1M tokens, batch 1, H100: 110 vs 112 us with 128
-        splits), 4 with FP8 keys (the same bytes per step: H200, 63 vs 67 us); 1 page for
-        more rows (register pressure: 128K, batch 64, 8 tokens: 1014 us with 1 page, 1321
-        with 2; benchmarks/results/h100/decode/sweeps/). OPENMSA_DECODE_INDEX_PAGES
-        overrides."""
-        env = os.environ.get("OPENMSA_DECODE_INDEX_PAGES")
-        if env and int(env) > 0:
-            return int(env)
+    def _index_pages(rows: int, fp8: bool, device) -> int:
+        """Index-key pages per scan step (``configs.DecodeIndex.pages``; None: by rows): for
+        up to 16 rows 2 pages (more bytes in flight for the few programs of a small batch:
+        1M tokens, batch 1, H100: 110 vs 112 us with 128 splits), 4 with FP8 keys (the same
+        bytes per step: H200, 63 vs 67 us); 1 page for more rows (register pressure: 128K,
+        batch 64, 8 tokens: 1014 us with 1 page, 1321 with 2;
+        benchmarks/results/h100/decode/sweeps/)."""
+        pages = launch_config("decode_index", device).pages
+        if pages is not None and pages > 0:
+            return pages
         return (4 if fp8 else 2) if rows <= 16 else 1
 
     @classmethod
-    def _scan_config(cls, rows: int) -> dict:
-        """The index scan's launch knobs, read once per plan() (not on every run(), the hot
-        path): pages per step for 16-bit and FP8 keys, warps, pipeline stages
-        (OPENMSA_DECODE_INDEX_PAGES / _WARPS / _STAGES override)."""
-        return dict(pages=cls._index_pages(rows), pages_fp8=cls._index_pages(rows, fp8=True),
-                    warps=int(os.environ.get("OPENMSA_DECODE_INDEX_WARPS", 4)),
-                    stages=int(os.environ.get("OPENMSA_DECODE_INDEX_STAGES", 3)))
+    def _scan_config(cls, rows: int, device=None) -> dict:
+        """The index scan's launch settings, read once per plan() (not on every run(), the
+        hot path): pages per step for 16-bit and FP8 keys, warps, pipeline stages."""
+        cfg = launch_config("decode_index", device)
+        return dict(pages=cls._index_pages(rows, False, device),
+                    pages_fp8=cls._index_pages(rows, True, device),
+                    warps=cfg.num_warps, stages=cfg.num_stages)
 
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan

@@ -10,9 +10,10 @@ branches split their work across programs and merge afterwards (flash-decoding):
 ``decode_topk_split_kernel``: program (request b, split s) scores the request's ROWS =
 q_tokens x Hkv index queries (all groups share the index keys: one read of each page
 serves them all) against the pages [s * pages_per_split, ...) of the request, and keeps a
-streaming per-row Top-(K-1) of the candidate blocks c < l(row) as int64 sort keys (the
-encoding of ``openmsa.ops.indexer.kernels``: ordered score << 32 | (0x7FFFFFFF - id), so a
-larger key is a higher score, ties to the smaller id, NaN below -inf).
+streaming per-row Top-(K-1) of the candidate blocks c < l(row) as int64 sort keys
+(``openmsa.ops.utils.topk``, shared with the Index Branch kernel: ordered score << 32 |
+(0x7FFFFFFF - id), so a larger key is a higher score, ties to the smaller id, NaN below
+-inf).
 
 ``decode_topk_merge_kernel``: program (request b, row) merges the splits' sorted
 candidate lists pairwise (a tree of log2(NSPLIT) merges) and writes the best min(K-1, l)
@@ -40,7 +41,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..ops.indexer.kernels import _INT64_MAX, _NAN_ORD, _PAD_BASE, _max_nan
+from ..ops.utils.tiles import LN2, mma
+from ..ops.utils.topk import (
+    PAD_BASE, block_max, empty_topk, key_block_id, score_key, sorted_topk, topk_insert,
+)
 
 
 @triton.jit
@@ -78,12 +82,7 @@ def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, sca
         z = z * ksc[None, :]
     else:
         z = tl.dot(qi, tl.trans(kblk), input_precision=DOT_PRECISION)
-    z3 = tl.reshape(z, (ROWS, PAGES, BLOCK))
-    if NAN_MAX_REDUCE:
-        bmax_all = tl.reduce(z3, 2, _max_nan)
-    else:
-        bmax_all = tl.max(z3, axis=2)
-        bmax_all = tl.where(tl.sum((z3 != z3).to(tl.int32), axis=2) > 0, float("nan"), bmax_all)
+    bmax_all = block_max(tl.reshape(z, (ROWS, PAGES, BLOCK)), 2, NAN_MAX_REDUCE)
     for pi in tl.static_range(PAGES):
         c = cb + pi
         if PAGES == 1:
@@ -94,14 +93,7 @@ def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, sca
             bmax = tl.where(tl.sum(tl.where(pg[None, :] == pi, (bmax_all != bmax_all).to(tl.int32), 0), 1) > 0,
                             float("nan"), bmax)
         score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
-        score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
-        u = score.to(tl.int32, bitcast=True)
-        o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
-        o = tl.where(score != score, _NAN_ORD, o)
-        cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
-        ins = row_ok & (c < local) & (c < c1) & (cand > kmin)
-        keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
-        kmin = tl.min(keys, axis=1)
+        keys, kmin = topk_insert(keys, kmin, score_key(score, c), row_ok & (c < local) & (c < c1))
     return keys, kmin
 
 
@@ -132,9 +124,7 @@ def decode_topk_split_kernel(
     qi = tl.load(QI + (q0 + i).to(tl.int64)[:, None] * stride_qt + g[:, None] * stride_qh + d[None, :],
                  mask=row_ok[:, None], other=0.0)
     col = tl.arange(0, KPAD)
-    keys = tl.where(col[None, :] < NSEL, _PAD_BASE + col[None, :].to(tl.int64),
-                    tl.full([ROWS, KPAD], _INT64_MAX, tl.int64))
-    kmin = tl.min(keys, axis=1)
+    keys, kmin = empty_topk(ROWS, KPAD, NSEL)
     # candidate blocks: c < l(row) for some row; the last row has the largest l
     n_cand = tl.max(local, axis=0)
     c0 = s * pages_per_split
@@ -153,8 +143,7 @@ def decode_topk_split_kernel(
                                         QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
                                         NAN_MAX_REDUCE, KI_FP8)
     # sorted lists (best first) let the merge combine two lists with one max and one sort
-    keys = tl.where(col[None, :] < NSEL, keys, _PAD_BASE)
-    keys = tl.sort(keys, 1, descending=True)
+    keys = sorted_topk(keys, NSEL, KPAD)
     base = ((b * num_splits + s).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
     tl.store(CAND + base, keys)
 
@@ -194,7 +183,7 @@ def decode_topk_reduce_kernel(
         col = tl.arange(0, KPAD)
         idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
         keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
-                       other=_PAD_BASE)
+                       other=PAD_BASE)
         top = _merge_sorted_lists(keys, GROUP, LOG2_GROUP, KPAD)
         tl.store(CAND_OUT + ((b * num_groups + j).to(tl.int64) * ROWS + r) * KPAD + col, top)
 
@@ -226,11 +215,11 @@ def decode_topk_merge_kernel(
             col = tl.arange(0, KPAD)
             idx = ((b * num_splits + sp).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
             keys = tl.load(CAND + idx, mask=(sp < num_splits)[:, None] & (col < NSEL)[None, :],
-                           other=_PAD_BASE)
+                           other=PAD_BASE)
             top = _merge_sorted_lists(keys, NSPLIT_PAD, LOG2_NSPLIT, KPAD)
             pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
             sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
-            ids = (0x7FFFFFFF - (sel & 0xFFFFFFFF)).to(tl.int32)
+            ids = key_block_id(sel)
             row = tl.where(ocol < n_sel, ids, tl.where(ocol == n_sel, local, -1))
         else:
             row = tl.where(ocol == 0, local, -1)
@@ -285,24 +274,18 @@ def decode_attention_split_kernel(
                 if KV_FP8:
                     kt = kt.to(Q.dtype.element_ty)
                     vt = vt.to(Q.dtype.element_ty)
-                if IEEE:
-                    sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
-                else:
-                    sc = tl.dot(q, tl.trans(kt))
+                sc = mma(q, tl.trans(kt), IEEE)
                 j = c * BLOCK + jn
                 sc = tl.where(((j <= pos) & (j < kv_len))[None, :], sc * scale_log2, float("-inf"))
                 m_new = tl.maximum(m, tl.max(sc, 1))
                 alpha = tl.exp2(m - m_new)  # m_new is finite: the block's first key is visible
                 p = tl.exp2(sc - m_new[:, None])
                 l = l * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                acc = acc * alpha[:, None] + mma(p.to(vt.dtype), vt, IEEE)
                 m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc * (v_scale / l_safe)[:, None]
-    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * LN2, float("-inf"))
     if SPLIT:
         prow = ((t.to(tl.int64) * num_groups + g) * num_splits + s) * G_PAD + h
         tl.store(PART_O + prow[:, None] * D + d[None, :], o)

@@ -37,7 +37,7 @@ import torch
 
 from .. import _backend
 from .._validation import Varlen
-from ._plan import check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
+from .checks import check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
 
 class MSAPrefillWrapper:

@@ -25,10 +25,8 @@ import torch
 
 from .. import _validation as V
 from ..api import indexer_topk, sparse_attention
-from .cache import (
-    _check_device, _check_int_tensor, _check_page_values, _slots_of_positions,
-    _token_positions, check_batch_meta, check_pools,
-)
+from .checks import _check_device, _check_int_tensor, _check_page_values, check_batch_meta, check_pools
+from .slots import _slots_of_positions, _token_positions
 
 __all__ = [
     "gather_paged", "paged_indexer_topk_reference", "paged_sparse_attention_reference",

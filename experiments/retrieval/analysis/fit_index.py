@@ -4,7 +4,7 @@ group-mean attention by the dense KL on 24 sequences of 1K tokens, then report t
 mass recall of its block-max selection on two 4K evaluation sequences. If a wider index does
 not recall more, the index width is not what limits the recall.
 
-    python experiments/retrieval/analysis/fit_index.py RUN_DIR LAYER 64r,128r,64n [STEPS]
+    python -m experiments.retrieval.analysis.fit_index RUN_DIR LAYER 64r,128r,64n [STEPS]
 
 (``64r``: Di 64 with RoPE on the layer's rotary channels; ``64n``: without RoPE.)
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluate import _msa_projections, block_recall_stats, load_run  # noqa: E402
-from model import msa_layers, set_msa_mode  # noqa: E402
-from task import eval_set, make_batch  # noqa: E402
+import openmsa
+from openmsa.layers.rope import apply_rope, rope_cos_sin
 
-import openmsa  # noqa: E402
-from openmsa.layers.rope import apply_rope, rope_cos_sin  # noqa: E402
+from experiments.retrieval.evaluation import _msa_projections, block_recall_stats, load_run
+from experiments.retrieval.model import msa_layers, set_msa_mode
+from experiments.retrieval.task import eval_set, make_batch
+
 torch.set_num_threads(2); torch.manual_seed(0)
 run, li = sys.argv[1], int(sys.argv[2])
 variants = sys.argv[3].split(',')  # e.g. 64r,128r,64n

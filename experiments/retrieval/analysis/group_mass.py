@@ -6,17 +6,16 @@ noise) and on the local block, the group mean's top-K block mass, and each head'
 block mass (heads of a group that attend to different keys make the group mean harder to
 follow than any one head).
 
-    python experiments/retrieval/analysis/group_mass.py RUN_DIR [LENGTH]
+    python -m experiments.retrieval.analysis.group_mass RUN_DIR [LENGTH]
 """
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluate import _msa_projections, load_run  # noqa: E402
-from model import msa_layers, set_msa_mode  # noqa: E402
-from task import eval_set  # noqa: E402
+from experiments.retrieval.evaluation import _msa_projections, load_run
+from experiments.retrieval.model import msa_layers, set_msa_mode
+from experiments.retrieval.task import eval_set
 
 torch.set_num_threads(2)
 run = sys.argv[1]; L = int(sys.argv[2]) if len(sys.argv) > 2 else 4096

@@ -4,17 +4,16 @@ mass on keys that repeat the query's token, whose previous token matches the que
 previous token, whose next / previous token is the query's token, and the distance of the
 top key.
 
-    python experiments/retrieval/analysis/head_targets.py RUN_DIR LAYER
+    python -m experiments.retrieval.analysis.head_targets RUN_DIR LAYER
 """
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluate import _msa_projections, load_run  # noqa: E402
-from model import msa_layers, set_msa_mode  # noqa: E402
-from task import eval_set  # noqa: E402
+from experiments.retrieval.evaluation import _msa_projections, load_run
+from experiments.retrieval.model import msa_layers, set_msa_mode
+from experiments.retrieval.task import eval_set
 torch.set_num_threads(2)
 model, tcfg, cfg = load_run(Path(sys.argv[1]), torch.device('cpu')); set_msa_mode(model, 'sparse')
 li = int(sys.argv[2]); L = 4096

@@ -3,7 +3,7 @@ the attention-mass recall of the layer's own selection and the local-block ceili
 by what the query row is (a filler token by how often it has occurred before, a pair's key or
 value, a query) and by where it sits in the sequence (quarters). One evaluation sequence.
 
-    python experiments/retrieval/analysis/recall_by_position.py RUN_DIR [LENGTH] [EDGES]
+    python -m experiments.retrieval.analysis.recall_by_position RUN_DIR [LENGTH] [EDGES]
 
 EDGES: comma-separated bounds of the "seen" buckets (default 1,8,32: new, 1-7x, 8-31x, 32x+).
 Columns: mass recall / local-block ceiling / perfect-index ceiling / top-K mass.
@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluate import _msa_projections, block_recall_stats, load_run  # noqa: E402
-from model import msa_layers, set_msa_mode  # noqa: E402
-from task import eval_set  # noqa: E402
+import openmsa
 
-import openmsa  # noqa: E402
+from experiments.retrieval.evaluation import _msa_projections, block_recall_stats, load_run
+from experiments.retrieval.model import msa_layers, set_msa_mode
+from experiments.retrieval.task import eval_set
 
 torch.set_num_threads(2)
 run = sys.argv[1]

@@ -7,8 +7,7 @@ the key block once, computes the exact softmax of each tile's rows over the bloc
 visible keys and writes normalised partial outputs and their LSEs at the entries'
 CSR positions.
 
-``combine_kernel``: one program per (query row, group) merges the row's <= K partials
-(flash-decoding style) into the output and the final LSE.
+The row's <= K partials are merged by ``openmsa.ops.utils.partials.combine_kernel``.
 
 Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the
 softmax uses exp2.
@@ -21,31 +20,15 @@ A key whose V is not finite makes the rows that have it in their token set NaN, 
 its weight, as SDPA's 0 * NaN does (CHECK_V: its scores are made NaN and its V 0, once per
 segment; an LSE-only caller, the KL's teacher normaliser, turns this off).
 
-Deterministic backward: ``key_partial_reduce_kernel`` (see schedule.py).
+Deterministic backward: the segments of a key block cut into several write their dK, dV
+sums to scratch slots (``openmsa.ops.utils.schedule``), added in tile order by
+``openmsa.ops.utils.partials.key_partial_reduce_kernel``.
 """
 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def segment_block(w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start,
-                  seq_len_k, block_base, num_blocks_bound):
-    """What program w of a schedule (schedule.py) works on: its CSR entry range [e0, e1)
-    (empty for the programs past the real count), its group g, the key block's id c
-    within its sequence, the sequence's first key row and its key count."""
-    e0 = tl.load(tile_start + w)
-    e1 = tl.load(tile_end + w)
-    grp = tl.load(tile_group + w)
-    g = grp // num_blocks_bound
-    seq = tl.load(row_seq + tl.load(entry_row + e0))
-    c = grp % num_blocks_bound - tl.load(block_base + seq)
-    k_start = tl.load(seq_k_start + seq).to(tl.int64)
-    len_k = tl.load(seq_len_k + seq)
-    return e0, e1, g, c, k_start, len_k
+from ..utils.tiles import LN2, LOG2E, entry_tokens, key_block, mma, segment_block
 
 
 @triton.jit
@@ -95,75 +78,25 @@ def sparse_fwd_tile_kernel(
         for es in range(e0, e1, TOKENS):
             e = es + r // G_PAD
             row_ok = (e < e1) & (h < G)
-            t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
-            pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+            t, pos = entry_tokens(entry_row, row_pos, e, row_ok)
             q = tl.load(Q + t[:, None] * stride_qt + (g * G + h)[:, None].to(tl.int64) * stride_qh
                         + d[None, :], mask=row_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kt))
-            s = s * scale_log2
+            s = mma(q, tl.trans(kt), IEEE) * scale_log2
             visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
             m = tl.max(s, 1)
             m = tl.where(m == float("-inf"), 0.0, m)
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, 1)
-            if IEEE:
-                o = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            else:
-                o = tl.dot(p.to(vt.dtype), vt)
+            o = mma(p.to(vt.dtype), vt, IEEE)
             # l == 0: no key of the block in the token set (out 0, lse -inf); NaN passes
             l_safe = tl.where(l == 0, 1.0, l)
             o = o / l_safe[:, None]
-            lse = tl.where(l == 0, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
+            lse = tl.where(l == 0, float("-inf"), (m + tl.log2(l_safe)) * LN2)
             out_row = e.to(tl.int64) * G + h
             tl.store(PART_O + out_row[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty),
                      mask=row_ok[:, None])
             tl.store(PART_LSE + out_row, lse, mask=row_ok)
-
-
-@triton.jit
-def combine_kernel(
-    PART_O, PART_LSE, entry_of, OUT, LSE,
-    row0, num_rows, topk,
-    stride_ot, stride_oh, stride_lt,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-):
-    i = tl.program_id(0)  # row within the chunk
-    g = tl.program_id(1)
-    h = tl.arange(0, G_PAD)
-    h_ok = h < G
-    d = tl.arange(0, D)
-    base = (g.to(tl.int64) * num_rows + i) * topk
-    # Pass 1: running max and normaliser of the partial LSEs, per head.
-    m = tl.full((G_PAD,), float("-inf"), tl.float32)
-    for s in range(topk):
-        e = tl.load(entry_of + base + s)
-        if e >= 0:
-            lse_s = tl.load(PART_LSE + e.to(tl.int64) * G + h, mask=h_ok, other=float("-inf"))
-            m = tl.maximum(m, lse_s)  # may drop a NaN partial: it reaches den through wgt
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros((G_PAD,), tl.float32)
-    acc = tl.zeros((G_PAD, D), tl.float32)
-    for s in range(topk):
-        e = tl.load(entry_of + base + s)
-        if e >= 0:
-            row = e.to(tl.int64) * G + h
-            lse_s = tl.load(PART_LSE + row, mask=h_ok, other=float("-inf"))
-            wgt = tl.exp(lse_s - m_safe)
-            den += wgt
-            acc += wgt[:, None] * tl.load(PART_O + row[:, None] * D + d[None, :],
-                                          mask=h_ok[:, None], other=0.0).to(tl.float32)
-    den_safe = tl.where(den == 0, 1.0, den)
-    out = acc / den_safe[:, None]  # empty token set: acc = 0 -> out = 0; NaN passes
-    lse = tl.where(den == 0, float("-inf"), m_safe + tl.log(den_safe))
-    t = (row0 + i).to(tl.int64)
-    heads = (g * G + h).to(tl.int64)
-    tl.store(OUT + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
-    tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
 
 
 @triton.jit
@@ -175,72 +108,54 @@ def _bwd_segment(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_lt, stride_dkt, stride_dkh,
     G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    SLICE: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    """Segment w of the schedule: one key block of one group (keys [split * BLOCK_N,
-    (split + 1) * BLOCK_N) of it) and a run of the CSR entries that selected it, walked
+    """Segment w of the schedule: one key block of one group (keys [split * SLICE,
+    (split + 1) * SLICE) of it) and a run of the CSR entries that selected it, walked
     TOKENS query tokens (x G heads) at a time. WITH_DKDV: dK, dV of the slice accumulate
     in registers over the segment and are added to the float32 accumulators once
     (atomics only between segments of a hot block; DETERMINISTIC: such segments write
-    their sums to their scratch slot instead, rows [split * BLOCK_N, ...) of a [BLOCK, D]
-    slot of PART_DK / PART_DV, for key_partial_reduce_kernel). WITH_DQ (needs BLOCK_N ==
-    BLOCK): dQ of each entry goes to its CSR position, reduced per row by dq_reduce_kernel."""
+    their sums to their scratch slot instead, rows [split * SLICE, ...) of a [BLOCK, D]
+    slot of PART_DK / PART_DV, for key_partial_reduce_kernel). WITH_DQ (needs SLICE ==
+    BLOCK): dQ of each entry goes to its CSR position, summed per row by row_sum_kernel."""
     e0, e1, g, c, k_start, len_k = segment_block(
         w, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
         block_base, num_blocks_bound)
     if e0 < e1:
         d = tl.arange(0, D)
-        j = c * BLOCK + split * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = c * BLOCK + split * SLICE + tl.arange(0, SLICE)
         key_ok = j < len_k
         krow = k_start + j.to(tl.int64)
-        kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
-                     mask=key_ok[:, None], other=0.0)
-        vt = tl.load(V + krow[:, None] * stride_vt + g * stride_vh + d[None, :],
-                     mask=key_ok[:, None], other=0.0)
+        kt = key_block(K, k_start, j, key_ok, stride_kt, g * stride_kh, d)
+        vt = key_block(V, k_start, j, key_ok, stride_vt, g * stride_vh, d)
         if WITH_DKDV:
-            dk = tl.zeros((BLOCK_N, D), tl.float32)
-            dv = tl.zeros((BLOCK_N, D), tl.float32)
+            dk = tl.zeros((SLICE, D), tl.float32)
+            dv = tl.zeros((SLICE, D), tl.float32)
         r = tl.arange(0, TOKENS * G_PAD)
         h = r % G_PAD
         for es in range(e0, e1, TOKENS):
             e = es + r // G_PAD
             row_ok = (e < e1) & (h < G)
-            t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
-            pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+            t, pos = entry_tokens(entry_row, row_pos, e, row_ok)
             head = (g * G + h).to(tl.int64)
             q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
             do = tl.load(DO + t[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
                          mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DELTA + t * stride_lt + head, mask=row_ok, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kt))
+            s = mma(q, tl.trans(kt), IEEE)
             visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
             p = tl.where(visible, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
             if WITH_DKDV:
-                if IEEE:
-                    dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            if IEEE:
-                dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
-            else:
-                dp = tl.dot(do, tl.trans(vt))
+                dv += mma(tl.trans(p.to(do.dtype)), do, IEEE)
+            dp = mma(do, tl.trans(vt), IEEE)
             ds = p * (dp - delta[:, None])
             if WITH_DKDV:
-                if IEEE:
-                    dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dk += mma(tl.trans(ds.to(q.dtype)), q, IEEE)
             if WITH_DQ:
-                if IEEE:
-                    dq = tl.dot(ds, kt, input_precision="ieee")
-                else:
-                    dq = tl.dot(ds.to(kt.dtype), kt)
+                dq = mma(ds.to(kt.dtype), kt, IEEE)
                 out_row = e.to(tl.int64) * G + h
                 tl.store(PART_DQ + out_row[:, None] * D + d[None, :],
                          (dq * scale).to(PART_DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -249,7 +164,7 @@ def _bwd_segment(
             if DETERMINISTIC:
                 slot = tl.load(TILE_SLOT + w)
                 if slot >= 0:
-                    prow = slot.to(tl.int64) * BLOCK + split * BLOCK_N + tl.arange(0, BLOCK_N)
+                    prow = slot.to(tl.int64) * BLOCK + split * SLICE + tl.arange(0, SLICE)
                     tl.store(PART_DK + prow[:, None] * D + d[None, :], dk * scale)
                     tl.store(PART_DV + prow[:, None] * D + d[None, :], dv)
                 else:  # the only segment of its group: one add per address in the launch
@@ -303,63 +218,6 @@ def sparse_bwd_kernel(
     else:
         _bwd_segment(w, 0, *args, G, G_PAD, TOKENS, BLOCK, BLOCK, D, IEEE, True, True,
                      DETERMINISTIC)
-
-
-@triton.jit
-def key_partial_reduce_kernel(
-    PART, DST, reduce_tile, reduce_count, tile_slot,
-    tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k, block_base,
-    num_blocks_bound, stride_dt, stride_dg,
-    BLOCK: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-):
-    """Deterministic key-gradient flush (schedule.py): program (i, r) adds to DST[keys of
-    rows [r * ROWS, (r + 1) * ROWS) of block c, group g] the [BLOCK, D] float32 slots of
-    the i-th multi-tile group (g, c) of the schedule, summed in tile order. It is the only
-    writer of those addresses in its launch, so a plain read-add-write suffices. DST row of
-    key row kr and group g: kr * stride_dt + g * stride_dg."""
-    i = tl.program_id(0)
-    n = tl.load(reduce_count + i)
-    if n > 0:
-        w0 = tl.load(reduce_tile + i)
-        e0, e1, g, c, k_start, len_k = segment_block(
-            w0, tile_group, tile_start, tile_end, entry_row, row_seq, seq_k_start, seq_len_k,
-            block_base, num_blocks_bound)
-        jr = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-        d = tl.arange(0, D)
-        slot0 = tl.load(tile_slot + w0).to(tl.int64)
-        acc = tl.zeros((ROWS, D), tl.float32)
-        for s in range(n):
-            acc += tl.load(PART + ((slot0 + s) * BLOCK + jr)[:, None] * D + d[None, :])
-        j = c * BLOCK + jr
-        key_ok = (j < len_k)[:, None]
-        dst = (DST + (k_start + j.to(tl.int64))[:, None] * stride_dt
-               + g.to(tl.int64) * stride_dg + d[None, :])
-        tl.store(dst, tl.load(dst, mask=key_ok, other=0.0) + acc, mask=key_ok)
-
-
-@triton.jit
-def dq_reduce_kernel(
-    PART_DQ, entry_of, DQ, row0, num_rows, topk, stride_qt, stride_qh,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-):
-    """dq[t, heads of g] = sum of the row's per-entry partials (fixed order: deterministic)."""
-    i = tl.program_id(0)
-    g = tl.program_id(1)
-    h = tl.arange(0, G_PAD)
-    h_ok = h < G
-    d = tl.arange(0, D)
-    base = (g.to(tl.int64) * num_rows + i) * topk
-    acc = tl.zeros((G_PAD, D), tl.float32)
-    for s in range(topk):
-        e = tl.load(entry_of + base + s)
-        if e >= 0:
-            row = e.to(tl.int64) * G + h
-            acc += tl.load(PART_DQ + row[:, None] * D + d[None, :], mask=h_ok[:, None],
-                           other=0.0).to(tl.float32)
-    t = (row0 + i).to(tl.int64)
-    heads = (g * G + h).to(tl.int64)
-    tl.store(DQ + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
-             acc.to(DQ.dtype.element_ty), mask=h_ok[:, None])
 
 
 @triton.jit

@@ -19,100 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ..common import (
-    RowMeta, block_layout, chunk_rows, compute_dtype, from_blocks, gather_blocks,
-    masked_softmax_stats, matmul_keys, row_meta, safe_lse, scatter_add_blocks, selected_blocks,
-    sequences, to_blocks,
+from ..utils.reference import (
+    KeyGrad, Keys, attention_scores, compute_dtype, group_rows, key_chunks, layout_for,
+    masked_softmax_stats, matmul_keys, row_meta, safe_lse, ungroup,
 )
-
-
-def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, layout, bytes_per_key: int):
-    """Yield (rows, sel, valid) chunks covering every query row once; ``bytes_per_key``
-    is what one (row, key slot) pair costs in temporaries, all heads included.
-
-    Sparse (topk_indices given): rows of all sequences together; ``sel`` is the
-    [Hkv, R, K] global block ids of the blocked layout and valid the [Hkv, R, K*B]
-    token mask. Dense (None): per sequence; ``sel`` is the sequence's key ids [1, Lk]
-    shared by all rows and valid the causal mask [1, R, Lk].
-    """
-    if topk_indices is not None:
-        _, total_q, k = topk_indices.shape
-        rows_per_chunk = chunk_rows(k * layout.block_size * bytes_per_key)
-        for r0 in range(0, total_q, rows_per_chunk):
-            rows = slice(r0, min(total_q, r0 + rows_per_chunk))
-            gid, valid = selected_blocks(topk_indices[:, rows], meta, layout, rows)
-            yield rows, gid, valid
-        return
-    for q0, lq, k0, lk in sequences(cu_q, cu_k):
-        keys = torch.arange(lk, device=meta.pos.device)
-        rows_per_chunk = chunk_rows(lk * bytes_per_key)
-        for r0 in range(q0, q0 + lq, rows_per_chunk):
-            rows = slice(r0, min(q0 + lq, r0 + rows_per_chunk))
-            valid = keys[None, :] <= meta.pos[rows][:, None]
-            yield rows, (keys + k0)[None], valid[None]
-
-
-class Keys:
-    """A key-side tensor x [total_k, H, D] (H = Hkv, or 1 for the shared index key)
-    prepared for the chunks: blocked (sparse) or used in place (dense, layout None)."""
-
-    def __init__(self, x: torch.Tensor, layout, dtype):
-        self.x, self.layout, self.dtype = x, layout, dtype
-        self.blocks = to_blocks(x, layout, dtype) if layout is not None else None
-
-    def gather(self, sel: torch.Tensor) -> torch.Tensor:
-        """Per-row keys [Hkv, R, K*B, D] (sparse) or shared keys [H, Lk, D] (dense)."""
-        if self.blocks is not None:
-            return gather_blocks(self.blocks, sel)
-        return self.x[sel[0]].to(self.dtype).transpose(0, 1)
-
-
-class KeyGrad:
-    """Accumulates the gradient of a key-side tensor chunk by chunk."""
-
-    def __init__(self, x: torch.Tensor, layout, dtype):
-        self.x, self.layout = x, layout
-        if layout is not None:
-            self.acc = torch.zeros((layout.num_blocks + 1, x.shape[1], layout.block_size, x.shape[2]),
-                                   dtype=dtype, device=x.device)
-        else:
-            self.acc = torch.zeros(x.shape, dtype=dtype, device=x.device)
-
-    def add(self, sel: torch.Tensor, contrib: torch.Tensor) -> None:
-        """contrib: [Hkv, R, K*B, D] per row (sparse) or [H, Lk, D] summed over rows (dense)."""
-        if self.layout is not None:
-            scatter_add_blocks(self.acc, sel, contrib)
-        else:
-            self.acc[sel[0]] += contrib.transpose(0, 1)
-
-    def result(self) -> torch.Tensor:
-        g = from_blocks(self.acc, self.layout) if self.layout is not None else self.acc
-        return g.to(self.x.dtype)
-
-
-def layout_for(topk_indices, cu_q, cu_k, block_size, device):
-    return None if topk_indices is None else block_layout(cu_q, cu_k, block_size, device)
-
-
-def group_rows(x: torch.Tensor, rows: slice, hkv: int, dtype) -> torch.Tensor:
-    """[total, Hq, D] rows -> [Hkv, R, G, D] (query heads h = g * G + i)."""
-    xr = x[rows]
-    return xr.view(xr.shape[0], hkv, -1, xr.shape[-1]).to(dtype).permute(1, 0, 2, 3)
-
-
-def ungroup(x: torch.Tensor) -> torch.Tensor:
-    """[Hkv, R, G, ...] -> [R, Hkv * G, ...]."""
-    x = x.permute(1, 0, 2, *range(3, x.dim()))
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-
-def attention_scores(q, keys: Keys, rows, sel, valid, hkv, scale, cdt):
-    """Masked scores s [Hkv, R, G, N] (masked entries -inf), the grouped queries and keys."""
-    qg = group_rows(q, rows, hkv, cdt)
-    kk = keys.gather(sel)
-    s = matmul_keys(qg, kk, transpose_keys=True) * scale
-    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
-    return s, qg, kk
 
 
 def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):

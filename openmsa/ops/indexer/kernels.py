@@ -16,9 +16,7 @@ sequence. The program
    (rows that agree, the usual case for neighbouring queries) and BLOCK_M*(K-1)+2 blocks
    (unrelated random rows).
 
-The block max propagates NaN (``NAN_MAX_REDUCE``: a max.NaN tl.reduce when compiled; the
-interpreter runs custom reductions per element in Python, so there it is tl.max plus a
-NaN count, with the same result).
+The block max propagates NaN (``openmsa.ops.utils.topk.block_max``).
 
 Exactness of the ranking
 ------------------------
@@ -27,16 +25,9 @@ Exactness of the ranking
 * z is scaled AFTER the dot and rounding is monotone, so fl(max_j(dot_j) * s) equals
   max_j fl(dot_j * s), the reference's block score, bit for bit: equal dot products
   tie exactly.
-* Each (score, block id) pair becomes one int64 sort key
-      key = (ordered(score) << 32) | (0x7FFFFFFF - id)
-  where ordered() maps fp32 bits to an order-preserving int32 (-0.0 normalised to +0.0,
-  NaN just below -inf). Larger key = better block: score descending, then id ascending.
-  Keys of different blocks are distinct, so "replace the row's minimum" replaces exactly
-  one slot.
-* Top-k state: [BLOCK_M, KPAD] int64 per program. Slots s < K-1 start as distinct
-  padding keys below every real key (PAD_BASE + s), so they are filled in slot order:
-  the filled slots are always a prefix. Slots s >= K-1 (KPAD is a power of two) hold
-  INT64_MAX and are never replaced.
+* The streaming Top-(K-1) is ``openmsa.ops.utils.topk``: one int64 sort key per
+  (score, block id), larger = better (score descending, then id ascending), in
+  [BLOCK_M, KPAD] int64 registers per program.
 
 Scheduling (no host synchronisation, CUDA-graph capturable)
 ------------------------------------------------------------
@@ -53,16 +44,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# key constants (see module docstring)
-_NAN_ORD = tl.constexpr(-0x7F800002)  # ordered int32 of NaN: just below -inf (-0x7F800001)
-_PAD_BASE = tl.constexpr(-9223372036854775807)  # -(2**63 - 1): padding keys PAD_BASE + slot
-_INT64_MAX = tl.constexpr(9223372036854775807)
+from ..utils.tiles import LN2, LOG2E
+from ..utils.topk import block_max, empty_topk, key_block_id, score_key, sorted_topk, topk_insert
+
 _BIG = tl.constexpr(2147483647)  # "no block" in the LSE pass
-
-
-@triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -73,15 +58,13 @@ def _indexer_topk_kernel(
     num_seqs, total_q, hkv,
     stride_qt, stride_qh, stride_kt,
     stride_ih, stride_it, stride_kp, stride_pb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     PAGED: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - 1
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
 
     pid = tl.program_id(0)
     g = pid % hkv
@@ -111,16 +94,16 @@ def _indexer_topk_kernel(
     offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)  # local query index i
     row_ok = offs_m < seq_q
     pos = seq_k - seq_q + offs_m  # causal position p(i)
-    local = pos // BLOCK_N  # l(i)
+    local = pos // BLOCK  # l(i)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK)
 
     # qi tile [BLOCK_M, Di]; 64-bit row offsets (total_q * Hkv * Di may exceed 2**31)
     q_rows = (q_start + offs_m).to(tl.int64)
     qi = tl.load(qi_ptr + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     k_base = ki_ptr + k_start.to(tl.int64) * stride_kt
-    # PAGED (serving): ki is a page pool [num_pages, BLOCK_N, Di]; block c of sequence b is
+    # PAGED (serving): ki is a page pool [num_pages, BLOCK, Di]; block c of sequence b is
     # physical page page_table[b, c] (cu_k then only gives the sequence's key count)
     pt_row = page_table_ptr + b.to(tl.int64) * stride_pb
 
@@ -128,39 +111,23 @@ def _indexer_topk_kernel(
     col = tl.arange(0, KPAD)
     n_sel = tl.minimum(local, NSEL)  # earlier blocks kept per row
     if NSEL > 0:
-        keys = tl.where(col[None, :] < NSEL,
-                        _PAD_BASE + col[None, :].to(tl.int64),
-                        tl.full([BLOCK_M, KPAD], _INT64_MAX, tl.int64))
-        kmin = tl.min(keys, axis=1)
+        keys, kmin = empty_topk(BLOCK_M, KPAD, NSEL)
         last = tl.minimum(j * BLOCK_M + BLOCK_M, seq_q) - 1
-        n_blocks = (seq_k - seq_q + last) // BLOCK_N  # blocks before the last row's l
+        n_blocks = (seq_k - seq_q + last) // BLOCK  # blocks before the last row's l
         for c in range(0, n_blocks):
             if PAGED:
                 page = tl.load(pt_row + c).to(tl.int64)
                 k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
             else:
-                kk = (c * BLOCK_N + offs_n).to(tl.int64)
+                kk = (c * BLOCK + offs_n).to(tl.int64)
                 k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
             z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
-            if NAN_MAX_REDUCE:  # compiled: one max.NaN reduction
-                bmax = tl.reduce(z, 1, _max_nan)
-            else:  # interpreter: a custom combine_fn runs per element in Python; use numpy's
-                bmax = tl.max(z, axis=1)
-                bmax = tl.where(tl.sum((z != z).to(tl.int32), axis=1) > 0, float("nan"), bmax)
-            score = bmax * scale  # == max of (z * scale), exactly (rounding is monotone)
-            score = tl.where(score == 0.0, 0.0, score)  # -0.0 -> +0.0
-            u = score.to(tl.int32, bitcast=True)
-            o = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
-            o = tl.where(score != score, _NAN_ORD, o)
-            cand = (o.to(tl.int64) << 32) | (0x7FFFFFFF - c)
-            ins = (c < local) & (cand > kmin)
-            keys = tl.where(ins[:, None] & (keys == kmin[:, None]), cand[:, None], keys)
-            kmin = tl.min(keys, axis=1)
+            # == max of (z * scale), exactly (rounding is monotone)
+            score = block_max(z, 1, NAN_MAX_REDUCE) * scale
+            keys, kmin = topk_insert(keys, kmin, score_key(score, c), c < local)
         if DETERMINISTIC:
-            keys = tl.where(col[None, :] < NSEL, keys,
-                            tl.full([BLOCK_M, KPAD], _PAD_BASE, tl.int64))
-            keys = tl.sort(keys, dim=1, descending=True)
-        sel = (0x7FFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32)  # block ids
+            keys = sorted_topk(keys, NSEL, KPAD)
+        sel = key_block_id(keys)
         sel_ok = row_ok[:, None] & (col[None, :] < n_sel[:, None])
         out_rows = (q_start + offs_m).to(tl.int64) * stride_it + g.to(tl.int64) * stride_ih
         tl.store(idx_ptr + out_rows[:, None] + col[None, :], sel, mask=sel_ok)
@@ -187,7 +154,7 @@ def _indexer_topk_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         while nxt < _BIG:
-            kk = nxt * BLOCK_N + offs_n
+            kk = nxt * BLOCK + offs_n
             if PAGED:
                 page = tl.load(pt_row + nxt).to(tl.int64)
                 k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],

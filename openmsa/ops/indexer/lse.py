@@ -15,12 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.kernels import segment_block
-from ..attention.schedule import build_schedule, row_info
-
-_TOKENS = 64  # query rows per MMA tile (one index head per group: rows are tokens)
-_SEGMENT_TILES = 8  # tiles per program that reuse the loaded key block
-_MAX_ROWS_PER_CHUNK = 1 << 18  # bounds the schedule's temporaries at 1M tokens
+from ..utils.configs import launch_config
+from ..utils.schedule import row_info, schedule_args, schedule_chunks
+from ..utils.tiles import LN2, LOG2E, entry_tokens, key_block, mma, segment_block
 
 
 @triton.jit
@@ -41,29 +38,23 @@ def index_lse_partial_kernel(
         d = tl.arange(0, DI)
         j = c * BLOCK + tl.arange(0, BLOCK)
         key_ok = j < len_k
-        kblk = tl.load(KI + (k_start + j.to(tl.int64))[:, None] * stride_kt + d[None, :],
-                       mask=key_ok[:, None], other=0.0)
+        kblk = key_block(KI, k_start, j, key_ok, stride_kt, 0, d)
         r = tl.arange(0, TOKENS)
         for es in range(e0, e1, TOKENS):
             e = es + r
             ok = e < e1
-            t = tl.load(entry_row + e, mask=ok, other=0).to(tl.int64)
-            pos = tl.load(row_pos + t, mask=ok, other=-1)
+            t, pos = entry_tokens(entry_row, row_pos, e, ok)
             qi = tl.load(QI + t[:, None] * stride_qt + g * stride_qh + d[None, :],
                          mask=ok[:, None], other=0.0)
-            if IEEE:
-                z = tl.dot(qi, tl.trans(kblk), input_precision="ieee")
-            else:
-                z = tl.dot(qi, tl.trans(kblk))
             # scale after the dot, like the reference; then base 2 for exp2
-            z = z * scale * 1.4426950408889634
+            z = mma(qi, tl.trans(kblk), IEEE) * scale * LOG2E
             z = tl.where((j[None, :] <= pos[:, None]) & key_ok[None, :], z, float("-inf"))
             m = tl.max(z, 1)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             l = tl.sum(tl.exp2(z - m_safe[:, None]), 1)
             # l == 0: no visible token (-inf); a NaN score makes l NaN and keeps the LSE NaN
             lse = tl.where(l == 0, float("-inf"),
-                           (m_safe + tl.log2(tl.where(l == 0, 1.0, l))) * 0.6931471805599453)
+                           (m_safe + tl.log2(tl.where(l == 0, 1.0, l))) * LN2)
             tl.store(PART + e, lse, mask=ok)
 
 
@@ -73,20 +64,16 @@ def index_lse_kv_outer(qi, ki, topk_indices, varlen, *, block_size: int, scale: 
     topk = topk_indices.shape[2]
     index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=qi.device)
     info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, ki.shape[0], block_size)
-    rows_per_chunk = min(total_q, _MAX_ROWS_PER_CHUNK)
-    part = torch.empty(hkv * rows_per_chunk * topk, dtype=torch.float32, device=qi.device)
-    for row0 in range(0, total_q, rows_per_chunk):
-        rows = min(rows_per_chunk, total_q - row0)
-        sched = build_schedule(topk_indices[:, row0:row0 + rows], row0, info, block_size,
-                               _TOKENS * _SEGMENT_TILES)
+    cfg = launch_config("index_lse", qi.device)
+    chunk = min(total_q, cfg.max_rows_per_chunk)
+    part = torch.empty(hkv * chunk * topk, dtype=torch.float32, device=qi.device)
+    for row0, rows, sched in schedule_chunks(topk_indices, info, block_size,
+                                             cfg.tokens * cfg.segment_tiles, chunk):
         index_lse_partial_kernel[(sched.num_tiles_bound,)](
-            qi, ki, part,
-            sched.tile_group, sched.tile_start, sched.tile_end,
-            sched.entry_row, info.seq, info.pos, info.seq_k_start, info.seq_len_k, info.block_base,
-            info.num_blocks_bound, scale,
+            qi, ki, part, *schedule_args(sched, info), scale,
             qi.stride(0), qi.stride(1), ki.stride(0),
-            TOKENS=_TOKENS, BLOCK=block_size, DI=di, IEEE=qi.dtype == torch.float32,
-            num_warps=4, num_stages=2,
+            TOKENS=cfg.tokens, BLOCK=block_size, DI=di, IEEE=qi.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         e = sched.entry_of.long()
         vals = torch.where(e >= 0, part[e.clamp(min=0)], float("-inf"))

@@ -6,7 +6,7 @@ For each sequence and chunk of its queries: index scores z = scale_i * <qi, ki>
 -1 padding, and the logsumexp of z over the selected visible tokens.
 
 Memory per chunk is O(rows x Lk); rows are chosen so that a chunk stays within
-``common.chunk_bytes()``. Output is always in deterministic order (score descending,
+``openmsa.ops.utils.reference.chunk_bytes()``. Output is always in deterministic order (score descending,
 then block id ascending), which satisfies both ``deterministic`` settings.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import chunk_rows, compute_dtype, sequences
+from ..utils.reference import chunk_rows, compute_dtype, sequences
 
 
 def _rank_blocks(block_score: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:

@@ -13,74 +13,34 @@ import os
 import torch
 import triton
 
+from ..utils.configs import launch_config
+from ..utils.shapes import SUPPORTED
 from .kernels import _indexer_topk_kernel
 from .lse import index_lse_kv_outer
 
-# Block max: a NaN-propagating tl.reduce (one max.NaN per element) when compiled; under
-# the interpreter, whose custom-combine reductions run per element in Python, tl.max plus
-# an explicit NaN count (same result). None = pick by mode; tests may force either.
+# Block max: a NaN-propagating tl.reduce when compiled; under the interpreter, whose
+# custom-combine reductions run per element in Python, tl.max plus an explicit NaN count
+# (same result). None = pick by mode; tests may force either.
 NAN_MAX_REDUCE: bool | None = None
 
-SUPPORTED_BLOCK_SIZES = (64, 128)
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-MAX_TOPK = 64
-
-# ----------------------------------------------------------------------------- tuning
-# (BLOCK_M, num_warps, num_stages) per index head dim Di, for 16-bit inputs. Untuned
-# guesses until measured on an H100 (the benchmark may edit these dicts); the register
-# and shared-memory figures below are from compiling for sm_90 with Triton 3.6.
-# * BLOCK_M: query rows per program. Each key block a program streams costs
-#   2*BLOCK_M*B*Di FLOPs for B*Di*2 bytes of ki, i.e. BLOCK_M FLOP/byte: at long context
-#   the kernel is bound by ki traffic from L2 unless BLOCK_M is large, hence 128. Larger
-#   tiles waste more of the causal triangle in the last tiles of short sequences.
-# * num_warps: 8 warps (two warpgroups) for a 128-row tile hold the fp32 z tile
-#   [128, B] and the int64 top-k state [128, KPAD] in ~155 registers, no spills.
-# * num_stages: ki blocks in flight (cp.async pipeline of the long pass). Shared memory
-#   = qi tile + stages ki blocks (B=128, Di=128: 32 KB + 3 x 32 KB = 128 KB); Di=256
-#   uses a 64-row tile and 2 stages (164 KB).
-TUNING = {
-    64: (128, 8, 3),
-    128: (128, 8, 3),
-    256: (64, 8, 2),
-}
-# float32 inputs use an exact ("ieee") dot on CUDA cores: the tensor-core sized tiles
-# above spill heavily there, so a small tile (not a production dtype; docs/spec.md section 10).
-TUNING_FP32 = (32, 8, 2)
-# topk > 32 (KPAD = 64 int64 slots per row): halve the tile to stay free of spills.
-MAX_BLOCK_M_LARGE_TOPK = 64
+_SUPPORTED = SUPPORTED["indexer_topk"]
 
 
-def config(di: int, dtype: torch.dtype, topk: int):
-    """(BLOCK_M, num_warps, num_stages) of one launch."""
-    block_m, num_warps, num_stages = TUNING_FP32 if dtype == torch.float32 else TUNING[di]
+def config(di: int, dtype: torch.dtype, topk: int, device=None):
+    """(BLOCK_M, num_warps, num_stages) of one launch (``configs.Indexer``)."""
+    cfg = launch_config("indexer", device)
+    block_m, num_warps, num_stages = cfg.float32_tile if dtype == torch.float32 else cfg.tiles[di]
     if topk - 1 > 32:
-        block_m = min(block_m, MAX_BLOCK_M_LARGE_TOPK)
+        block_m = min(block_m, cfg.large_topk_rows)
     return block_m, num_warps, num_stages
 
 
-def index_lse_mode() -> str:
-    """How the selected LSE is computed: "kv_outer" (lse.py: exactly the selected
-    (row, block) pairs, independent of how the rows' selections overlap) or "union"
-    (inside the indexer kernel: each query tile walks the union of its rows' blocks;
-    cheap when neighbouring queries select alike, a second pass over most of the
-    context when they do not)."""
-    mode = os.environ.get("OPENMSA_INDEX_LSE", "auto")
-    if mode not in ("auto", "kv_outer", "union"):
-        raise ValueError(f"OPENMSA_INDEX_LSE must be 'auto', 'kv_outer' or 'union', got {mode!r}")
-    return mode
-
-
-# "auto": the KV-outer LSE pays a fixed ~1 ms for its schedule (H100, torch ops) and wins
-# from 32K keys per sequence on (H100, bf16, random and correlated queries:
-# benchmarks/results/h100/indexer_lse_modes.log: 8K 1.66 vs 0.50 ms, 32K 3.09 vs 3.78 ms,
-# 128K 24.2 vs 51.5 ms, 1M 1295 vs 2251 ms).
-_KV_OUTER_MIN_MEAN_KEYS = 16384
-
-
-def resolve_lse_mode(mode: str, total_k: int, num_seqs: int) -> str:
-    if mode != "auto":
-        return mode
-    return "kv_outer" if total_k > _KV_OUTER_MIN_MEAN_KEYS * max(num_seqs, 1) else "union"
+def lse_mode(total_k: int, num_seqs: int, device=None) -> str:
+    """Where the selected LSE is computed ("union" or "kv_outer", ``configs.Indexer``)."""
+    cfg = launch_config("indexer", device)
+    if cfg.lse_mode != "auto":
+        return cfg.lse_mode
+    return "kv_outer" if total_k > cfg.kv_outer_min_mean_keys * max(num_seqs, 1) else "union"
 
 
 def _interpreting() -> bool:
@@ -88,17 +48,18 @@ def _interpreting() -> bool:
 
 
 def _check(qi, ki, block_size, topk):
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES} for the Triton "
+    if block_size not in _SUPPORTED.block_sizes:
+        raise ValueError(f"block_size must be one of {_SUPPORTED.block_sizes} for the Triton "
                          f"indexer, got {block_size} (use backend='reference')")
-    if qi.shape[2] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"qi must have index_head_dim in {SUPPORTED_HEAD_DIMS} for the Triton "
+    if qi.shape[2] not in _SUPPORTED.index_head_dims:
+        raise ValueError(f"qi must have index_head_dim in {_SUPPORTED.index_head_dims} for the Triton "
                          f"indexer, got {qi.shape[2]} (use backend='reference')")
     if qi.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"qi must be bfloat16, float16 or float32 for the Triton indexer, "
                         f"got {qi.dtype} (use backend='reference')")
-    if not 1 <= topk <= MAX_TOPK:
-        raise ValueError(f"topk must be in [1, {MAX_TOPK}] for the Triton indexer, got {topk}")
+    if not 1 <= topk <= _SUPPORTED.max_topk:
+        raise ValueError(f"topk must be in [1, {_SUPPORTED.max_topk}] for the Triton indexer, "
+                         f"got {topk}")
 
 
 def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: float,
@@ -127,10 +88,10 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         ki = ki.contiguous()
     paged = page_table is not None
 
-    block_m, num_warps, num_stages = config(di, qi.dtype, topk)
-    lse_mode = resolve_lse_mode(index_lse_mode(), ki.shape[0], varlen.num_seqs) if with_lse else None
-    if paged and lse_mode == "kv_outer":
-        lse_mode = "union"  # the KV-outer LSE pass reads packed keys
+    block_m, num_warps, num_stages = config(di, qi.dtype, topk, device)
+    mode = lse_mode(ki.shape[0], varlen.num_seqs, device) if with_lse else None
+    if paged and mode == "kv_outer":
+        mode = "union"  # the KV-outer LSE pass reads packed keys
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
@@ -145,14 +106,14 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         qi.stride(0), qi.stride(1), ki.stride(-2) if paged else ki.stride(0),
         topk_indices.stride(0), topk_indices.stride(1),
         ki.stride(0) if paged else 0, page_table.stride(0) if paged else 0,
-        BLOCK_M=block_m, BLOCK_N=block_size, HEAD_DIM=di,
+        BLOCK_M=block_m, BLOCK=block_size, HEAD_DIM=di,
         TOPK=topk, KPAD=kpad, KOUT=triton.next_power_of_2(topk),
         SEARCH_ITERS=num_seqs.bit_length(), DETERMINISTIC=deterministic,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
-        COMPUTE_LSE=lse_mode == "union", PAGED=paged,
+        COMPUTE_LSE=mode == "union", PAGED=paged,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if lse_mode == "kv_outer":
+    if mode == "kv_outer":
         index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size, scale=scale)
     return topk_indices, index_lse

@@ -4,12 +4,12 @@ sparse KL kernels, a chunk of key blocks at a time.
 The KL over all visible tokens is a sum over key blocks of per-block terms
 sum_j P_T(j) (log P_T(j) - log P_S(j)), and its gradient w.r.t. the index scores is
 P_S(j) - P_T(j) token by token, once both distributions are normalised over *all*
-visible tokens. The sparse kernels (``triton_impl.indexer_kl_forward``) compute exactly
+visible tokens. The sparse kernels (``launch.indexer_kl_forward``) compute exactly
 those per-block terms and gradients for any list of blocks, given the two normalisers
 (``lse``, ``index_lse``). So the dense KL is:
 
 1. the normalisers over every visible block: per chunk of 64 local block ids (the chunks
-   of ``openmsa.ops.attention.dense``: the kernels take at most 64 blocks per row), the
+   of ``openmsa.ops.utils.schedule.dense_chunks``: the kernels take at most 64 blocks per row), the
    teacher's LSE by the sparse attention forward and the index LSE by the KV-outer pass,
    merged with logaddexp (a row whose chunk holds no visible block gives -inf, the
    neutral element);
@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.dense import dense_chunks
-from ..attention.triton_impl import sparse_attention_forward
+from ..attention.launch import sparse_attention_forward
 from ..indexer.lse import index_lse_kv_outer
+from ..utils.schedule import dense_chunks
+from .launch import indexer_kl_forward
 
 
 def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, lse, index_lse,
-                     with_grad, kl_forward, deterministic=False):
+                     with_grad, deterministic=False):
     """Like ``indexer_kl_forward`` with T = every visible token: (loss, dqi, dki).
-    ``kl_forward`` is ``triton_impl.indexer_kl_forward`` (passed in: no import cycle);
     ``deterministic`` is passed on (the chunks' results are summed in chunk order)."""
     total_q, total_k = q.shape[0], k.shape[0]
     dev = q.device
@@ -61,7 +61,7 @@ def dense_kl_forward(q, k, qi, ki, varlen, block_size, scale, scale_i, coeff, ls
                                                           scale=scale_i))
     total = dqi = dki = None
     for idx in dense_chunks(q, k, varlen, block_size):
-        loss, dq, dk = kl_forward(q, k, qi, ki, idx, varlen, block_size, scale, scale_i, coeff,
+        loss, dq, dk = indexer_kl_forward(q, k, qi, ki, idx, varlen, block_size, scale, scale_i, coeff,
                                   lse, index_lse, with_grad, deterministic)
         total = loss if total is None else total + loss
         if with_grad:

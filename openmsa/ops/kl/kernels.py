@@ -1,7 +1,7 @@
 """Triton kernels of the indexer's sparse KL loss (docs/spec.md section 6), KV-outer.
 
-They run over the schedule of the sparse attention kernels
-(``openmsa.ops.attention.schedule``): one program per segment = one key block c of one
+They run over the KV-outer schedule (``openmsa.ops.utils.schedule``, the sparse
+attention's): one program per segment = one key block c of one
 group g and a run of the CSR entries (query rows that selected c). Two passes, so that
 each runs full MMA tiles with few registers:
 
@@ -17,20 +17,20 @@ time (one index head per entry, so a full MMA tile of entries): index scores
 z = qi[t, g] . ki_c^T * scale_i, log P_S = z - index_lse[g, t] on the visible keys,
 the per-entry KL = sum_j P_T (log P_T - log P_S) over P_T > 0 (summed by torch
 afterwards: deterministic), and with gradients dz = P_S - P_T:
-per-entry dqi partial = dz @ ki_c (``dqi_reduce_kernel`` sums a row's <= K partials in
-slot order: deterministic) and dki_c += dz^T @ qi in registers over the segment,
+per-entry dqi partial = dz @ ki_c (``openmsa.ops.utils.partials.row_sum_kernel`` sums a
+row's <= K partials in slot order: deterministic) and dki_c += dz^T @ qi in registers over the segment,
 flushed once per segment with float32 atomics (ki has one head shared by all groups).
 Deterministic mode (DETERMINISTIC): every group g flushes into its own float32 dki_g
 (stride_dkg; summed over g in order by the launcher), a group's only segment adds its
 sum directly and the segments of a block cut into several write their scratch slot
-(``openmsa.ops.attention.schedule``), added in tile order by key_partial_reduce_kernel.
+(``openmsa.ops.utils.schedule``), added in tile order by key_partial_reduce_kernel.
 
 Non-finite values: the KL terms are dropped where P_T == 0 exactly (0 log 0 = 0), not
 where "P_T > 0" fails, so that a NaN teacher keeps its NaN term.
 
-The first version did both in one pass (the index scores on a [TOKENS, Di] qi tile
-padded to 16 rows, and the [B, Di] float32 dki accumulator beside the [TOKENS * G_PAD,
-B] scores): one program per SM, 64 ms at 128K on an H100.
+Two passes rather than one: a fused pass (the index scores on a [TOKENS, Di] qi tile
+padded to 16 rows, the [B, Di] float32 dki accumulator beside the [TOKENS * G_PAD, B]
+scores) ran at one program per SM, 64 ms at 128K on an H100 (benchmarks/NOTES.md).
 
 Exponentials use exp2 with log2(e) folded into the scales.
 """
@@ -38,10 +38,7 @@ Exponentials use exp2 with log2(e) folded into the scales.
 import triton
 import triton.language as tl
 
-from ..attention.kernels import segment_block
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ..utils.tiles import LN2, LOG2E, entry_tokens, key_block, mma, segment_block
 
 
 @triton.jit
@@ -63,9 +60,7 @@ def kl_teacher_kernel(
         jb = tl.arange(0, BLOCK)
         j = c * BLOCK + jb
         key_ok = j < len_k
-        krow = k_start + j.to(tl.int64)
-        kt = tl.load(K + krow[:, None] * stride_kt + g * stride_kh + d[None, :],
-                     mask=key_ok[:, None], other=0.0)
+        kt = key_block(K, k_start, j, key_ok, stride_kt, g * stride_kh, d)
         r = tl.arange(0, TOKENS * G_PAD)
         h = r % G_PAD
         head = (g * G + h).to(tl.int64)
@@ -73,16 +68,12 @@ def kl_teacher_kernel(
         for es in range(e0, e1, TOKENS):
             e = es + r // G_PAD
             row_ok = (e < e1) & (h < G)
-            t = tl.load(entry_row + e, mask=row_ok, other=0).to(tl.int64)
-            pos = tl.load(row_pos + t, mask=row_ok, other=-1)
+            t, pos = entry_tokens(entry_row, row_pos, e, row_ok)
             q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + t * stride_lt + head * stride_lh, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty T: P = 0
-            if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kt))
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E  # empty T: P = 0
+            s = mma(q, tl.trans(kt), IEEE)
             visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
             p = tl.where(visible, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
             if G_PAD == 1:
@@ -114,7 +105,7 @@ def kl_student_kernel(
         j = c * BLOCK + jb
         key_ok = j < len_k
         krow = k_start + j.to(tl.int64)
-        kit = tl.load(KI + krow[:, None] * stride_kit + di[None, :], mask=key_ok[:, None], other=0.0)
+        kit = key_block(KI, k_start, j, key_ok, stride_kit, 0, di)
         if WITH_GRAD:
             dki = tl.zeros((BLOCK, DI), tl.float32)
         ri = tl.arange(0, ROWS)
@@ -122,32 +113,24 @@ def kl_student_kernel(
             e = es + ri
             ok = e < e1
             e64 = e.to(tl.int64)
-            t = tl.load(entry_row + e, mask=ok, other=0).to(tl.int64)
-            pos = tl.load(row_pos + t, mask=ok, other=-1)
+            t, pos = entry_tokens(entry_row, row_pos, e, ok)
             qi = tl.load(QI + t[:, None] * stride_it + g * stride_ih + di[None, :],
                          mask=ok[:, None], other=0.0)
             ilse = tl.load(ILSE + g * stride_ilg + t * stride_ilt, mask=ok, other=0.0)
-            ilse = tl.where(ilse == float("-inf"), 0.0, ilse) * 1.4426950408889634
+            ilse = tl.where(ilse == float("-inf"), 0.0, ilse) * LOG2E
             pt = tl.load(PART_PT + e64[:, None] * BLOCK + jb[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                z = tl.dot(qi, tl.trans(kit), input_precision="ieee")
-            else:
-                z = tl.dot(qi, tl.trans(kit))
+            z = mma(qi, tl.trans(kit), IEEE)
             visible = (j[None, :] <= pos[:, None]) & key_ok[None, :]
             log2_ps = z * scale_i_log2 - ilse[:, None]
             ps = tl.where(visible, tl.exp2(log2_ps), 0.0)
             # KL(P_T || P_S) of the entry over this block's keys (P_T = 0 off the visible keys)
             nz = pt != 0
             term = tl.where(nz, pt * (tl.log2(tl.where(nz, pt, 1.0)) - log2_ps), 0.0)
-            tl.store(PART_KL + e, tl.sum(term, 1) * 0.6931471805599453, mask=ok)
+            tl.store(PART_KL + e, tl.sum(term, 1) * LN2, mask=ok)
             if WITH_GRAD:
                 dz = ps - pt  # 0 where not visible (both are)
-                if IEEE:
-                    dqi = tl.dot(dz, kit, input_precision="ieee")
-                    dki += tl.dot(tl.trans(dz), qi, input_precision="ieee")
-                else:
-                    dqi = tl.dot(dz.to(kit.dtype), kit)
-                    dki += tl.dot(tl.trans(dz.to(qi.dtype)), qi)
+                dqi = mma(dz.to(kit.dtype), kit, IEEE)
+                dki += mma(tl.trans(dz.to(qi.dtype)), qi, IEEE)
                 tl.store(PART_DQI + e64[:, None] * DI + di[None, :], dqi * grad_scale,
                          mask=ok[:, None])
         if WITH_GRAD:
@@ -162,26 +145,3 @@ def kl_student_kernel(
                     tl.atomic_add(dst, dki * grad_scale, mask=key_ok[:, None])
             else:
                 tl.atomic_add(dst, dki * grad_scale, mask=key_ok[:, None])
-
-
-@triton.jit
-def dqi_reduce_kernel(
-    PART_DQI, entry_of, DQI, row0, num_rows, topk, stride_qt, stride_qh,
-    DI: tl.constexpr, ROWS: tl.constexpr,
-):
-    """dqi[t, g] = sum of the row's per-entry partials in slot order (deterministic).
-    One program per ROWS rows of one group."""
-    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    g = tl.program_id(1)
-    i_ok = i < num_rows
-    di = tl.arange(0, DI)
-    base = (g.to(tl.int64) * num_rows + i) * topk
-    acc = tl.zeros((ROWS, DI), tl.float32)
-    for s in range(topk):
-        e = tl.load(entry_of + base + s, mask=i_ok, other=-1)
-        ok = e >= 0
-        acc += tl.load(PART_DQI + e.to(tl.int64)[:, None] * DI + di[None, :], mask=ok[:, None],
-                       other=0.0)
-    t = (row0 + i).to(tl.int64)
-    tl.store(DQI + t[:, None] * stride_qt + g * stride_qh + di[None, :],
-             acc.to(DQI.dtype.element_ty), mask=i_ok[:, None])

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.reference import KeyGrad, Keys, attention_scores, key_chunks, layout_for
-from ..common import compute_dtype, masked_softmax_stats, matmul_keys, row_meta, safe_lse
+from ..utils.reference import (
+    KeyGrad, Keys, attention_scores, compute_dtype, key_chunks, layout_for, masked_softmax_stats,
+    matmul_keys, row_meta, safe_lse,
+)
 
 
 def _chunk_distributions(q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt):
