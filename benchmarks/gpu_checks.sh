@@ -23,9 +23,9 @@ for step in $STEPS; do
         | tee "$OUT/gpu_tests.log" | tail -15 ;;
     sanitizer)
       # the bad inputs: cu_seqlens values, page ids, non-finite values
-      for sel in "tests/test_validation.py -k gpu_bad" \
-                 "tests/test_serving_decode.py tests/test_serving_prefill.py -k page_ids" \
-                 "tests/test_attention_triton.py tests/test_kl_triton.py -k non_finite or neginf or nan"; do
+      for sel in "tests/api/test_validation.py -k gpu_bad" \
+                 "tests/serving/test_serving_decode.py tests/serving/test_serving_prefill.py -k page_ids" \
+                 "tests/ops/test_attention.py tests/ops/test_kl.py -k non_finite or neginf or nan"; do
         files=${sel%% -k *}; expr=${sel#* -k }
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SAN_TIMEOUT:-60} compute-sanitizer --tool memcheck \
           --target-processes all --print-limit 20 python3 -m pytest -v -p no:cacheprovider $files -k "$expr" 2>&1 \

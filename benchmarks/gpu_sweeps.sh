@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 N=${N:-131072}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_attention_triton.py tests/test_kl_triton.py tests/test_indexer_triton.py} -x 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/ops} -x 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 run() { local name=$1; shift; echo "== $name"; timeout ${STEP_TIMEOUT:-150} "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | grep -E "ms|Error|error" ; }
 run kl_teacher python3 benchmarks/sweep_kl.py --contexts $N --knobs "${KL_TEACHER_KNOBS:-kl_teacher.tile_rows=64,128;kl_teacher.num_stages=2,3}"

@@ -1,7 +1,9 @@
 """Shared test setup: every test starts from the same torch RNG state.
 
-The marker ``gpu`` is declared in pyproject.toml
-([tool.pytest.ini_options]); nothing is registered here.
+Tests are grouped like the package (ops/, serving/, api/, layers/, integrations/, ...);
+``helpers.py`` and ``brute_force.py`` here are importable from all of them (pyproject.toml
+puts tests/ on the path). The marker ``gpu`` is declared in pyproject.toml; such tests are
+skipped where there is no CUDA device.
 
 ``OPENMSA_TEST_DOT_ORDER=perturbed`` makes Triton's interpreter sum each dot product in
 an order that depends on the output element's row and column, as the vectorised matmul
@@ -18,10 +20,12 @@ import pytest
 import torch
 
 
+# Triton's kernels run compiled on a GPU, under the interpreter elsewhere. Triton fixes
+# the switch when it is first imported, and pytest imports this file before any test.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+
 def _perturb_interpreter_dot():
-    # Triton fixes the interpreter switch when it is first imported (as the test modules
-    # set it): set it the same way before the import below.
-    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder

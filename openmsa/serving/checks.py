@@ -16,6 +16,7 @@ import math
 import torch
 
 from .. import _validation as V
+from ..ops.utils.shapes import SUPPORTED
 
 
 # --------------------------------------------------------------------------- tensors and pools
@@ -183,15 +184,18 @@ def check_wrapper_config(w, num_heads, num_kv_heads, head_dim, index_head_dim, b
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     w.head_dim = check_int("head_dim", head_dim)
     w.index_head_dim = check_int("index_head_dim", index_head_dim)
-    for name, v in (("head_dim", head_dim), ("index_head_dim", index_head_dim)):
-        if v not in (16, 32, 64, 128, 256):
-            raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256, got {v}")
+    shapes = SUPPORTED["paged_decode"]
+    for name, v, ok in (("head_dim", head_dim, shapes.head_dims),
+                        ("index_head_dim", index_head_dim, shapes.index_head_dims)):
+        if v not in ok:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, ok))}, got {v}")
     w.block_size = check_int("block_size", block_size)
-    if block_size not in (16, 32, 64, 128):
-        raise ValueError(f"block_size must be 16, 32, 64 or 128 (the page size), got {block_size}")
+    if block_size not in shapes.block_sizes:
+        raise ValueError(f"block_size must be one of {', '.join(map(str, shapes.block_sizes))} "
+                         f"(the page size), got {block_size}")
     w.topk = check_int("topk", topk)
-    if topk > 64:
-        raise ValueError(f"topk must be at most 64, got {topk}")
+    if topk > shapes.max_topk:
+        raise ValueError(f"topk must be at most {shapes.max_topk}, got {topk}")
     w.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     w.index_softmax_scale = (1.0 / math.sqrt(index_head_dim) if index_softmax_scale is None
                              else float(index_softmax_scale))

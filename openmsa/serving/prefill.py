@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..ops.utils.shapes import SUPPORTED
 from .._validation import Varlen
 from .checks import check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
@@ -48,9 +49,11 @@ class MSAPrefillWrapper:
                  index_softmax_scale: float | None = None, deterministic: bool = False):
         check_wrapper_config(self, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk,
                              softmax_scale, index_softmax_scale)
-        if block_size not in (64, 128) or index_head_dim < 64:
-            raise ValueError(f"block_size must be 64 or 128 and index_head_dim >= 64 for the paged "
-                             f"prefill (the Triton indexer's tiles), got {block_size} and {index_head_dim}")
+        shapes = SUPPORTED["paged_prefill"]
+        if block_size not in shapes.block_sizes or index_head_dim not in shapes.index_head_dims:
+            raise ValueError(f"block_size must be one of {shapes.block_sizes} and index_head_dim one of "
+                             f"{shapes.index_head_dims} for the paged prefill (the Triton indexer's "
+                             f"tiles), got {block_size} and {index_head_dim}")
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
         self.deterministic = deterministic

@@ -17,7 +17,7 @@ up to the row's local block, -1 after). Then, as in split-KV decoding:
 
 Chunk indices are built on the device from the rows' causal positions and the number of
 chunks is bounded on the host by total_k / B: no host synchronisation (the PyTorch
-reference, the only varlen dense attention before, reads the lengths on the host). A pack
+reference reads the lengths on the host). A pack
 of many short sequences gets chunks that are empty for every row; their programs find no
 work. Equal-length batches are better served by torch SDPA (``MSAttention`` uses it).
 """

@@ -52,8 +52,8 @@ _BIG = tl.constexpr(2147483647)  # "no block" in the LSE pass
 
 @triton.jit
 def _indexer_topk_kernel(
-    qi_ptr, ki_ptr, cu_q_ptr, cu_k_ptr, tile_end_ptr,
-    idx_ptr, lse_ptr, page_table_ptr,
+    QI, KI, CU_Q, CU_K, TILE_END,
+    TOPK_OUT, LSE_OUT, PAGE_TABLE,
     scale,
     num_seqs, total_q, hkv,
     stride_qt, stride_qh, stride_kt,
@@ -69,7 +69,7 @@ def _indexer_topk_kernel(
     pid = tl.program_id(0)
     g = pid % hkv
     rank = pid // hkv
-    n_tiles = tl.load(tile_end_ptr + num_seqs - 1)
+    n_tiles = tl.load(TILE_END + num_seqs - 1)
     if rank >= n_tiles:
         return
     tile = n_tiles - 1 - rank
@@ -79,17 +79,17 @@ def _indexer_topk_kernel(
     hi = num_seqs
     for _ in range(SEARCH_ITERS):
         mid = (lo + hi) // 2
-        v = tl.load(tile_end_ptr + mid, mask=mid < num_seqs, other=0)
+        v = tl.load(TILE_END + mid, mask=mid < num_seqs, other=0)
         go = v <= tile
         lo = tl.where(go, mid + 1, lo)
         hi = tl.where(go, hi, mid)
     b = lo
-    q_start = tl.load(cu_q_ptr + b)
-    seq_q = tl.load(cu_q_ptr + b + 1) - q_start
-    k_start = tl.load(cu_k_ptr + b)
-    seq_k = tl.load(cu_k_ptr + b + 1) - k_start
+    q_start = tl.load(CU_Q + b)
+    seq_q = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    seq_k = tl.load(CU_K + b + 1) - k_start
     tiles_b = (seq_q + BLOCK_M - 1) // BLOCK_M
-    j = tile - (tl.load(tile_end_ptr + b) - tiles_b)  # tile index inside the sequence
+    j = tile - (tl.load(TILE_END + b) - tiles_b)  # tile index inside the sequence
 
     offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)  # local query index i
     row_ok = offs_m < seq_q
@@ -100,12 +100,12 @@ def _indexer_topk_kernel(
 
     # qi tile [BLOCK_M, Di]; 64-bit row offsets (total_q * Hkv * Di may exceed 2**31)
     q_rows = (q_start + offs_m).to(tl.int64)
-    qi = tl.load(qi_ptr + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
+    qi = tl.load(QI + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    k_base = ki_ptr + k_start.to(tl.int64) * stride_kt
+    k_base = KI + k_start.to(tl.int64) * stride_kt
     # PAGED (serving): ki is a page pool [num_pages, BLOCK, Di]; block c of sequence b is
     # physical page page_table[b, c] (cu_k then only gives the sequence's key count)
-    pt_row = page_table_ptr + b.to(tl.int64) * stride_pb
+    pt_row = PAGE_TABLE + b.to(tl.int64) * stride_pb
 
     # ---------------------------------------------------------------- long pass
     col = tl.arange(0, KPAD)
@@ -117,7 +117,7 @@ def _indexer_topk_kernel(
         for c in range(0, n_blocks):
             if PAGED:
                 page = tl.load(pt_row + c).to(tl.int64)
-                k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
+                k_blk = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
             else:
                 kk = (c * BLOCK + offs_n).to(tl.int64)
                 k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
@@ -130,14 +130,14 @@ def _indexer_topk_kernel(
         sel = key_block_id(keys)
         sel_ok = row_ok[:, None] & (col[None, :] < n_sel[:, None])
         out_rows = (q_start + offs_m).to(tl.int64) * stride_it + g.to(tl.int64) * stride_ih
-        tl.store(idx_ptr + out_rows[:, None] + col[None, :], sel, mask=sel_ok)
+        tl.store(TOPK_OUT + out_rows[:, None] + col[None, :], sel, mask=sel_ok)
         sel = tl.where(sel_ok, sel, _BIG)
     else:
         out_rows = (q_start + offs_m).to(tl.int64) * stride_it + g.to(tl.int64) * stride_ih
     # local block at column n_sel, -1 after it
     ocol = tl.arange(0, KOUT)
     tail = tl.where(ocol[None, :] == n_sel[:, None], local[:, None], -1)
-    tl.store(idx_ptr + out_rows[:, None] + ocol[None, :], tail.to(tl.int32),
+    tl.store(TOPK_OUT + out_rows[:, None] + ocol[None, :], tail.to(tl.int32),
              mask=row_ok[:, None] & (ocol[None, :] >= n_sel[:, None]) & (ocol[None, :] < TOPK))
 
     if COMPUTE_LSE:
@@ -157,7 +157,7 @@ def _indexer_topk_kernel(
             kk = nxt * BLOCK + offs_n
             if PAGED:
                 page = tl.load(pt_row + nxt).to(tl.int64)
-                k_blk = tl.load(ki_ptr + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
+                k_blk = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :],
                                 mask=(kk < seq_k)[:, None], other=0.0)
             else:
                 k_blk = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kt + offs_d[None, :],
@@ -177,4 +177,4 @@ def _indexer_topk_kernel(
                 nxt_row = tl.where(local_ok > nxt, local_ok, _BIG)
             nxt = tl.min(nxt_row, axis=0)
         lse = (m_i + tl.log2(tl.where(row_ok, l_i, 1.0))) * LN2
-        tl.store(lse_ptr + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+        tl.store(LSE_OUT + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)

@@ -16,8 +16,8 @@ those per-block terms and gradients for any list of blocks, given the two normal
 2. the sparse KL pass per chunk with those normalisers, losses and gradients summed.
 
 The chunks are those of the dense attention (built on the device, bounded on the host by
-total_k / B): no host synchronisation (the PyTorch reference this replaces read the
-sequence lengths on the host).
+total_k / B): no host synchronisation (the PyTorch reference reads the sequence lengths
+on the host).
 
 Cost: the teacher LSE pass runs the attention forward with v = k and throws the output
 away (the sparse attention kernels have no LSE-only mode), so the dense KL costs about two

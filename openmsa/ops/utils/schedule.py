@@ -119,18 +119,18 @@ def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size
                    tokens_per_tile: int, deterministic: bool = False) -> TileSchedule:
     """CSR of the rows [row0, row0 + R) of ``topk_rows`` ([Hkv, R, K] int32);
     ``deterministic`` adds the slots of the fixed-order key-gradient reduction."""
-    hkv, r, k = topk_rows.shape
+    hkv, r, topk = topk_rows.shape
     dev = topk_rows.device
     nb = info.num_blocks_bound
     sentinel = hkv * nb
     # int32 keys sort faster; hkv * nb stays far below 2**31 for any real context.
-    key = torch.empty(hkv * r * k, dtype=torch.int32, device=dev)
+    key = torch.empty(hkv * r * topk, dtype=torch.int32, device=dev)
     if r > 0:
         rows_per_program = 32
         schedule_keys_kernel[(triton.cdiv(r, rows_per_program), hkv)](
             topk_rows, topk_rows.stride(0), topk_rows.stride(1), row0, r, info.seq, info.pos,
             info.seq_len_k, info.block_base, nb, hkv, block_size, key,
-            K=k, K_PAD=triton.next_power_of_2(k), ROWS=rows_per_program, num_warps=4)
+            K=topk, K_PAD=triton.next_power_of_2(topk), ROWS=rows_per_program, num_warps=4)
     sorted_key, order = torch.sort(key, stable=True)
     e = key.numel()
     # group key x occupies [bounds[x], bounds[x + 1]) of the sorted order (no atomics:
@@ -152,10 +152,10 @@ def build_schedule(topk_rows: torch.Tensor, row0: int, info: RowInfo, block_size
     start = torch.where(live, start, 0)
     end = torch.where(live, end, 0)
 
-    entry_row = ((order // k) % r + row0).to(torch.int32)
+    entry_row = ((order // topk) % r + row0).to(torch.int32)
     position = torch.empty(e, dtype=torch.int64, device=dev)
     position[order] = torch.arange(e, device=dev)
-    entry_of = torch.where(key < sentinel, position, -1).view(hkv, r, k).to(torch.int32)
+    entry_of = torch.where(key < sentinel, position, -1).view(hkv, r, topk).to(torch.int32)
     sched = TileSchedule(entry_row, entry_of, grp.to(torch.int32), start.to(torch.int32),
                          end.to(torch.int32), w_bound)
     if deterministic:

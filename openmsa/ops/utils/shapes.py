@@ -19,6 +19,12 @@ SUPPORTED = {
     "indexer_topk": Supported(block_sizes=(64, 128), index_head_dims=(64, 128, 256)),
     "indexer_kl_loss": Supported(block_sizes=(16, 32, 64, 128), head_dims=(32, 64, 128),
                                  index_head_dims=(32, 64, 128)),
+    # serving (block size = page size): the decode kernels, and the paged prefill, which
+    # runs the indexer and the attention forward on the pools
+    "paged_decode": Supported(block_sizes=(16, 32, 64, 128), head_dims=(16, 32, 64, 128, 256),
+                              index_head_dims=(16, 32, 64, 128, 256)),
+    "paged_prefill": Supported(block_sizes=(64, 128), head_dims=(16, 32, 64, 128, 256),
+                               index_head_dims=(64, 128, 256)),
 }
 
 

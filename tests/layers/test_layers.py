@@ -12,30 +12,20 @@ there too.
 from __future__ import annotations
 
 import math
-import os
 
-# Triton fixes its interpreter switch when first imported (e.g. by a torch.optim step,
-# through torch._dynamo): set it before, so that the kernel tests below, which
-# monkeypatch TRITON_INTERPRET=1, also work when this module runs alone.
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from openmsa import MSAttention, collect_kl_losses  # noqa: E402
-from helpers import rel  # noqa: E402
+from openmsa import MSAttention, collect_kl_losses
+from helpers import rel
 
 HIDDEN, HQ, HKV, D, DI = 32, 4, 2, 8, 8
 G = HQ // HKV
 BS = 4
 TOL = 1e-5
-
-
-
-
-
 
 
 def assert_close(a, b, tol=TOL, what=""):

@@ -8,17 +8,15 @@ with random garbage and physical pages are shuffled, so a wrong page, row or len
 shows up as a mismatch.
 """
 
-import os
 import re
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import openmsa  # noqa: E402
-from helpers import rel_finite as rel  # noqa: E402
-from openmsa.serving import (  # noqa: E402
+import openmsa
+from helpers import rel_finite as rel
+from openmsa.serving import (
     PagedMSACache, append_paged_kv, gather_paged, paged_indexer_topk_reference,
     paged_msa_reference, paged_sparse_attention_reference, slot_mapping,
 )
@@ -35,8 +33,6 @@ def cumsum0(lens):
     for n in lens:
         out.append(out[-1] + n)
     return i32(out)
-
-
 
 
 def shuffled_page_table(lens, page_size, gen, extra_cols=2, spare_pages=3, fill=-1):

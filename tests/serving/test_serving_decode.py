@@ -17,16 +17,12 @@ float16/bfloat16 1e-2 (P rounded to the input dtype for the P V product, as in e
 flash-style kernel).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import openmsa  # noqa: E402
-from openmsa.serving.decode import MSADecodeWrapper  # noqa: E402
-from helpers import (  # noqa: E402
+import openmsa
+from openmsa.serving.decode import MSADecodeWrapper
+from helpers import (
     assert_selection_matches, block_scores64, make_paged, rel, replay_after_replan, rounding_bound,
 )
 

@@ -5,19 +5,13 @@ the interpreter's bfloat16 dot is wrong). With a GPU, the `gpu` tests run the
 realistic configuration (bf16, Hq=64, Hkv=4, D=128, B=128, K=16, 8K-32K tokens).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import openmsa  # noqa: E402
-from helpers import rel_finite as rel  # noqa: E402
+import openmsa
+from helpers import rel_finite as rel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 
 
 def make(lens_q, lens_k, hq, hkv, d, dtype, gen, device=DEV):

@@ -7,18 +7,16 @@ reference's EXACTLY, ties included. With a GPU, the `gpu` tests run the realisti
 configuration (bf16, Hkv=4, Di=128, B=128, K=16, 8K-32K tokens, varlen pack).
 """
 
-import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import openmsa  # noqa: E402
-from helpers import assert_selection_matches, block_scores64, rounding_bound  # noqa: E402
-from helpers import rel_finite as rel  # noqa: E402
-from openmsa.ops.indexer import triton_impl  # noqa: E402
+import openmsa
+from helpers import assert_selection_matches, block_scores64, rounding_bound
+from helpers import rel_finite as rel
+from openmsa.ops.indexer import triton_impl
 
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
 
@@ -55,8 +53,6 @@ def make_inputs(pack, hkv, di, dtype, gen):
     qi = dyadic((int(cu_q[-1]), hkv, di), gen).to(DEV, dtype)
     ki = dyadic((int(cu_k[-1]), 1, di), gen).to(DEV, dtype)
     return qi, ki, cu_q, cu_k
-
-
 
 
 def as_sets(idx):

@@ -11,19 +11,15 @@ included). Float results are compared with the relative error norm ||a-b|| / ||b
 """
 
 import math
-import os
-import sys
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import openmsa  # noqa: E402
-from helpers import rel  # noqa: E402
-from brute_force import (  # noqa: E402
+import openmsa
+from helpers import rel
+from brute_force import (
     bf_all_blocks_indices,
     bf_block_scores_matrix,
     bf_dense_masked_attention,
@@ -84,8 +80,6 @@ def dyadic(shape, gen, levels=4, denom=4.0, dtype=torch.float32):
 
 def randn(shape, gen, dtype=torch.float32):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-
-
 
 
 def assert_rel(a, b, tol, what):

@@ -5,15 +5,11 @@ kernels on the exactly upcast inputs and casts ``out`` back. The result must mat
 reference on the same bfloat16 inputs (bf16 output rounding: 1e-2; float32 KL: 1e-5).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import openmsa  # noqa: E402
-from helpers import assert_selection_matches, block_scores64, rel, rounding_bound  # noqa: E402
+import openmsa
+from helpers import assert_selection_matches, block_scores64, rel, rounding_bound
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU tensors")

@@ -16,17 +16,12 @@ import pytest
 import torch
 
 import openmsa
-from helpers import rel  # noqa: E402
+from helpers import rel
 
 HQ, HKV, D, DI = 4, 2, 8, 8
 BS, TOPK = 4, 3
 BATCH, LK = 3, 14  # 4 blocks per sequence, the last one partial
 TOL = 1e-5
-
-
-
-
-
 
 
 def assert_close(a, b, tol=TOL):

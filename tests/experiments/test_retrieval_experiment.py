@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXP = ROOT / "experiments" / "retrieval"
 from experiments.retrieval import evaluation
 from experiments.retrieval import model as M

@@ -109,9 +109,6 @@ def assert_unchanged(args: dict, snap: dict) -> None:
 META = torch.device("meta")
 
 
-
-
-
 @dataclass
 class Case:
     id: str
@@ -424,7 +421,7 @@ def test_triton_backend_on_cpu_not_implemented_yet(fn_name, dense, ref_spy):
 
 
 # ------------------------------------------------------- cu_seqlens values on a device
-from openmsa import _validation as V  # noqa: E402
+from openmsa import _validation as V
 
 INVALID_CU = [  # (cu_q, cu_k, total_q, total_k)
     ([1, 4, 12], [0, 6, 16], 12, 16),  # does not start at 0
@@ -503,8 +500,6 @@ def test_checked_mark_follows_tensor_and_version():
     assert not V._already_checked(V.Varlen(cu_q, cu_k, TQ, TK + 1))
     cu_k.add_(0)  # an in-place write bumps the version: checked again
     assert not V._already_checked(vl)
-
-
 
 
 def _cuda_problem(dtype=torch.bfloat16):

@@ -16,12 +16,7 @@ Tolerances: dense-mode logits vs the original model, relative error norm <= 1e-5
 from __future__ import annotations
 
 import copy
-import os
 
-# Triton fixes its interpreter switch when first imported (e.g. by a torch.optim step,
-# through torch._dynamo): set it before, so that the kernel tests below, which
-# monkeypatch TRITON_INTERPRET=1, also work when this module runs alone.
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -44,8 +39,6 @@ KINDS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 INDEX_NAMES = ("qi_proj", "ki_proj", "qi_norm", "ki_norm")
-
-
 
 
 def make_model(kind="llama", attn="sdpa", layers=3, seed=0):
@@ -74,8 +67,6 @@ def converted(kind="llama", mode="dense", **kw):
 def tokens(batch=1, n=40, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, n), generator=g)
-
-
 
 
 # ------------------------------------------------------------------ (a) dense conversion

@@ -11,19 +11,13 @@ the kernel rounds dz = P_S - P_T to fp16 (2**-11 relative) for the two gradient 
 (dqi = dz @ ki, dki = dz^T @ qi), so the gradients differ by ~1e-3 relative: <= 5e-3.
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import openmsa  # noqa: E402
-from helpers import rel  # noqa: E402
+import openmsa
+from helpers import rel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 
 
 def cu(lens, device=DEV):
@@ -287,7 +281,6 @@ def test_gpu_dense_warmup_kl_bf16(lens_q, lens_k, hq, hkv, d, b):
     gen = torch.Generator().manual_seed(sum(lens_k))
     q, k, qi, ki, cu_q, cu_k = make(lens_q, lens_k, hq, hkv, d, d, torch.bfloat16, gen)
     check(q * 3.0, k, qi, ki, None, cu_q, cu_k, 1e-4, 1e-2, block_size=b, coeff=0.1)
-
 
 
 # --------------------------------------------------------------------------- deterministic

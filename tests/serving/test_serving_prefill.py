@@ -13,18 +13,14 @@ reference attention on the kernel's OWN selection. out/lse relative error norms:
 1e-5, float16/bfloat16 1e-2 (P rounded for the P V product).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if __import__("torch").cuda.is_available() else "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from openmsa.serving import (  # noqa: E402
+from openmsa.serving import (
     gather_paged, paged_indexer_topk_reference, paged_sparse_attention_reference,
 )
-from openmsa.serving.prefill import MSAPrefillWrapper  # noqa: E402
-from helpers import (  # noqa: E402
+from openmsa.serving.prefill import MSAPrefillWrapper
+from helpers import (
     assert_selection_matches, block_scores64, make_paged, rel, replay_after_replan, rounding_bound,
 )
 
