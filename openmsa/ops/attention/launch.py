@@ -23,7 +23,7 @@ import triton
 from ..utils.configs import launch_config
 from ..utils.partials import combine_kernel, reduce_key_partials, rows_per_chunk, sum_rows
 from ..utils.schedule import row_info, schedule_args, schedule_chunks, slots_bound
-from ..utils.shapes import SUPPORTED
+from ..utils.shapes import check_kernel_shapes
 from ..utils.tiles import LOG2E
 from .kernels import softmax_delta_kernel, sparse_bwd_kernel, sparse_fwd_tile_kernel
 
@@ -33,17 +33,9 @@ from .kernels import softmax_delta_kernel, sparse_bwd_kernel, sparse_fwd_tile_ke
 # unchanged). A numerics choice, so not a launch setting.
 DQ_PARTIAL_DTYPE = {torch.bfloat16: torch.bfloat16}
 
-_SUPPORTED = SUPPORTED["sparse_attention"]
-
-
 def check_supported(q, block_size):
-    d = q.shape[2]
-    if d not in _SUPPORTED.head_dims:
-        raise ValueError(f"q: the Triton sparse attention supports head_dim in "
-                         f"{set(_SUPPORTED.head_dims)}, got {d}")
-    if block_size not in _SUPPORTED.block_sizes:
-        raise ValueError(f"block_size: the Triton sparse attention supports "
-                         f"{set(_SUPPORTED.block_sizes)}, got {block_size}")
+    check_kernel_shapes("sparse_attention", "sparse attention", block_size=block_size, q=q,
+                        check_dtypes=False)
 
 
 def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *,

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..utils.configs import launch_config
-from ..utils.shapes import SUPPORTED
+from ..utils.shapes import check_kernel_shapes
 from .kernels import _indexer_topk_kernel
 from .lse import index_lse_kv_outer
 
@@ -22,8 +22,6 @@ from .lse import index_lse_kv_outer
 # custom-combine reductions run per element in Python, tl.max plus an explicit NaN count
 # (same result). None = pick by mode; tests may force either.
 NAN_MAX_REDUCE: bool | None = None
-
-_SUPPORTED = SUPPORTED["indexer_topk"]
 
 
 def config(di: int, dtype: torch.dtype, topk: int, device=None):
@@ -47,21 +45,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check(qi, ki, block_size, topk):
-    if block_size not in _SUPPORTED.block_sizes:
-        raise ValueError(f"block_size must be one of {_SUPPORTED.block_sizes} for the Triton "
-                         f"indexer, got {block_size} (use backend='reference')")
-    if qi.shape[2] not in _SUPPORTED.index_head_dims:
-        raise ValueError(f"qi must have index_head_dim in {_SUPPORTED.index_head_dims} for the Triton "
-                         f"indexer, got {qi.shape[2]} (use backend='reference')")
-    if qi.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"qi must be bfloat16, float16 or float32 for the Triton indexer, "
-                        f"got {qi.dtype} (use backend='reference')")
-    if not 1 <= topk <= _SUPPORTED.max_topk:
-        raise ValueError(f"topk must be in [1, {_SUPPORTED.max_topk}] for the Triton indexer, "
-                         f"got {topk}")
-
-
 def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: float,
                         deterministic: bool, page_table=None, out=None, with_lse: bool = True):
     """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; varlen: openmsa._validation.Varlen.
@@ -73,7 +56,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     sequence's key count; ``out`` is a preallocated topk_indices buffer;
     ``with_lse=False`` skips the selected LSE (index_lse is then None).
     """
-    _check(qi, ki, block_size, topk)
+    check_kernel_shapes("indexer_topk", "indexer", block_size=block_size, qi=qi, topk=topk)
     total_q, hkv, di = qi.shape
     device = qi.device
     topk_indices = (torch.empty((hkv, total_q, topk), dtype=torch.int32, device=device)

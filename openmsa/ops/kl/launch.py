@@ -47,33 +47,18 @@ from ..indexer.lse import index_lse_kv_outer
 from ..utils.configs import launch_config
 from ..utils.partials import reduce_key_partials, rows_per_chunk, sum_rows
 from ..utils.schedule import row_info, schedule_args, schedule_chunks, slots_bound
-from ..utils.shapes import SUPPORTED
+from ..utils.shapes import check_kernel_shapes
 from ..utils.tiles import LOG2E
 from .kernels import kl_student_kernel, kl_teacher_kernel
 
-_SUPPORTED = SUPPORTED["indexer_kl_loss"]
 # Also bounds the schedule's temporaries (build_schedule: a few int64 per (group, row,
 # slot) and a [Hkv, rows, K, K] duplicate mask) when the partials are small (no grad).
 _MAX_ROWS_PER_CHUNK = 1 << 16
 
 
 def check_supported(q, qi, topk_indices, block_size):
-    if block_size not in _SUPPORTED.block_sizes:
-        raise ValueError(f"block_size: the Triton indexer KL loss supports {_SUPPORTED.block_sizes}, "
-                         f"got {block_size} (use backend='reference')")
-    if q.shape[2] not in _SUPPORTED.head_dims:
-        raise ValueError(f"q: the Triton indexer KL loss supports head_dim in {_SUPPORTED.head_dims}, "
-                         f"got {q.shape[2]} (use backend='reference')")
-    if qi.shape[2] not in _SUPPORTED.index_head_dims:
-        raise ValueError(f"qi: the Triton indexer KL loss supports index_head_dim in "
-                         f"{_SUPPORTED.index_head_dims}, got {qi.shape[2]} (use backend='reference')")
-    for name, x in (("q", q), ("qi", qi)):
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name}: the Triton indexer KL loss supports bfloat16, float16 and "
-                            f"float32, got {x.dtype} (use backend='reference')")
-    if topk_indices is not None and not 1 <= topk_indices.shape[2] <= _SUPPORTED.max_topk:
-        raise ValueError(f"topk_indices: the Triton indexer KL loss supports topk in "
-                         f"[1, {_SUPPORTED.max_topk}], got {topk_indices.shape[2]} (use backend='reference')")
+    check_kernel_shapes("indexer_kl_loss", "indexer KL loss", block_size=block_size, q=q, qi=qi,
+                        topk=None if topk_indices is None else topk_indices.shape[2])
 
 
 def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, scale_i, coeff,

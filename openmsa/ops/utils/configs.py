@@ -179,12 +179,19 @@ _cache: dict = {}
 _overrides: dict[str, dict] = {}
 
 
+_arch_of: dict = {}  # (device type, index) -> architecture, asked once per device
+
+
 def _arch(device) -> int:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda":
         return HOPPER  # the interpreter runs the Hopper configuration
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    arch = _arch_of.get(key)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(key[1])
+        arch = _arch_of[key] = major * 10 + minor
+    return arch
 
 
 def _parse_env(text: str) -> dict[str, dict]:

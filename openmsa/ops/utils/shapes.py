@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Supported:
@@ -37,3 +39,31 @@ def all_stages_support(block_size: int, head_dim: int, index_head_dim: int,
             and all(block_size in s.block_sizes for s in (attn, index, kl))
             and all(head_dim in s.head_dims for s in (attn, kl))
             and all(index_head_dim in s.index_head_dims for s in (index, kl)))
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_shapes(op: str, what: str, *, block_size: int, q=None, qi=None, topk=None,
+                        check_dtypes: bool = True) -> None:
+    """Raise a ValueError/TypeError naming the argument when the Triton kernels of ``op``
+    (``what``: their name in the message) do not take these shapes: block_size, q's head
+    dim, qi's index head dim, their dtypes, the Top-k count."""
+    s = SUPPORTED[op]
+    hint = "(use backend='reference')"
+    if block_size not in s.block_sizes:
+        raise ValueError(f"block_size: the Triton {what} supports {s.block_sizes}, got "
+                         f"{block_size} {hint}")
+    for name, x, field, dims in (("q", q, "head_dim", s.head_dims),
+                                 ("qi", qi, "index_head_dim", s.index_head_dims)):
+        if x is None:
+            continue
+        if x.shape[2] not in dims:
+            raise ValueError(f"{name}: the Triton {what} supports {field} in {dims}, got "
+                             f"{x.shape[2]} {hint}")
+        if check_dtypes and x.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name}: the Triton {what} supports bfloat16, float16 and float32, "
+                            f"got {x.dtype} {hint}")
+    if topk is not None and not 1 <= topk <= s.max_topk:
+        raise ValueError(f"topk: the Triton {what} supports topk in [1, {s.max_topk}], got "
+                         f"{topk} {hint}")
