@@ -73,7 +73,7 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *
     for row0, rows, sched in schedule_chunks(topk_indices, info, block_size,
                                              tokens * cfg.segment_tiles, chunk):
         sparse_fwd_tile_kernel[(sched.num_tiles_bound,)](
-            q, k, v, part_o, part_lse, *schedule_args(sched, info), scale * LOG2E,
+            q, k, v, part_o, part_lse, *schedule_args(sched, info), scale * LOG2E.value,
             q.stride(0), q.stride(1),
             k.stride(-3) if paged else k.stride(0), k.stride(-2),
             v.stride(-3) if paged else v.stride(0), v.stride(-2),
@@ -133,7 +133,7 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
         slot_args = (sched.tile_slot, part_dk, part_dv) if deterministic else (sched.tile_group, dk, dv)
         args = (
             q, k, v, do, lse, delta, part_dq, dk, dv, *slot_args, *schedule_args(sched, info),
-            scale, scale * LOG2E,
+            scale, scale * LOG2E.value,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), lse.stride(0), dk.stride(0), dk.stride(1),
         )

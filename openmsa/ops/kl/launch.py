@@ -118,7 +118,7 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
         n_ent = hkv * rows * topk  # CSR positions of this chunk; invalid entries sort last
         part_kl[:n_ent].zero_()  # positions of invalid entries are never written
         kl_teacher_kernel[grid](
-            q, k, lse, part_pt, *sched_args, scale * LOG2E,
+            q, k, lse, part_pt, *sched_args, scale * LOG2E.value,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1),
             G=g, G_PAD=g_pad, TOKENS=tokens, BLOCK=block_size, D=d,
             IEEE=q.dtype == torch.float32, num_warps=teacher.num_warps,
@@ -127,7 +127,7 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
             qi, ki, index_lse, part_pt, part_kl,
             part_dqi if with_grad else dummy, dki_acc if with_grad else dummy,
             sched.tile_slot if deterministic else sched.tile_group, part_dki,
-            *sched_args, scale_i * LOG2E, norm * scale_i,
+            *sched_args, scale_i * LOG2E.value, norm * scale_i,
             qi.stride(0), qi.stride(1), ki.stride(0), index_lse.stride(0), index_lse.stride(1),
             dki_acc.stride(-2) if with_grad else 0, dki_acc.stride(0) if deterministic else 0,
             ROWS=s_rows, BLOCK=block_size, DI=di, IEEE=qi.dtype == torch.float32,

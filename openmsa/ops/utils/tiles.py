@@ -11,8 +11,10 @@ softmax follows (``LOG2E`` folded into the scale), so the kernels use exp2.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
+# constexpr: a compiled kernel may read a module global only if it is a tl.constexpr (the
+# interpreter reads any); host code takes the float as LOG2E.value.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
 
 @triton.jit
