@@ -97,8 +97,8 @@ def test_defaults_are_the_local_block_alone():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("lse_mode", ["union", "kv_outer"])
-@pytest.mark.parametrize("topk,init_blocks,local_blocks", FORCED)
+@pytest.mark.parametrize("topk,init_blocks,local_blocks,lse_mode",
+                         [f + (("union", "kv_outer")[i % 2],) for i, f in enumerate(FORCED)])
 def test_triton_indexer_matches_reference(topk, init_blocks, local_blocks, lse_mode, launch):
     launch("indexer", lse_mode=lse_mode)
     qi, ki, cu_q, cu_k = index_inputs(PACK_64, 2, 64, gen_for("triton", topk, init_blocks, local_blocks))
@@ -167,7 +167,7 @@ def test_bad_forced_blocks_raise(kw, exc, match):
     (4, 1, 1, {}),
     (5, 1, 2, dict(index_splits=3)),
     (3, 0, 3, {}),  # nothing ranked: forced blocks only
-    (16, 2, 2, dict(index_splits=20)),  # K > number of blocks; two merge levels
+    (8, 2, 2, dict(index_splits=18)),  # K > a request's blocks; two merge levels
 ])
 def test_decode_matches_reference(topk, init_blocks, local_blocks, plan_kw):
     gen = gen_for("decode", topk, init_blocks)
@@ -201,3 +201,22 @@ def test_prefill_matches_reference():
     assert torch.equal(idx, ref_idx)
     ref_out, _ = openmsa.serving.paged_sparse_attention_reference(q, kc, vc, ref_idx, pt, kv, cu_q)
     assert rel(out, ref_out) <= TOL
+
+
+def test_msattention_layer_takes_the_forced_blocks(monkeypatch):
+    from openmsa.layers import msa_attention as layer_module
+    seen = {}
+    real = layer_module.msa_attention
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+    monkeypatch.setattr(layer_module, "msa_attention", spy)
+    layer = openmsa.MSAttention(32, 4, 2, 8, index_head_dim=8, block_size=4, topk=4, init_blocks=1,
+                                local_blocks=2)
+    x = torch.randn(1, 30, 32, generator=gen_for("layer"))
+    layer(x)
+    assert seen["init_blocks"] == 1 and seen["local_blocks"] == 2
+    assert layer.kl_loss is not None
+    with pytest.raises(ValueError, match="at most topk"):
+        openmsa.MSAttention(32, 4, 2, 8, topk=2, init_blocks=1, local_blocks=2)
