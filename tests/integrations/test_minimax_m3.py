@@ -102,18 +102,32 @@ def test_logits_match_transformers(index_heads, local_blocks):
     assert rel(got, want) <= TOL
 
 
-def test_logits_match_transformers_on_the_triton_kernels():
+def test_logits_and_generate_match_transformers_on_the_triton_kernels(monkeypatch):
     """The same through the Triton kernels (the interpreter on a CPU) at shapes they take:
     B = 64, Di = 64, 3 blocks, K = 2; 4 index heads over 2 KV heads (k, v repeated to the
-    4 openmsa groups); one sparse layer (the interpreter is slow)."""
+    4 openmsa groups); one sparse layer (the interpreter is slow). Decode runs the split
+    index scan of the serving decode on the cache's index keys (from 64 cached keys here)."""
+    from openmsa.integrations.transformers import minimax_m3
+    monkeypatch.setattr(minimax_m3, "DECODE_SCAN_MIN_KEYS", 64)
     model = make_model(index_block_size=64, index_head_dim=64, index_topk_blocks=2, index_n_heads=4,
                        layer_types=["full_attention", "minimax_m3_sparse", "full_attention"])
     ids = tokens(1, 150, seed=7)
     with torch.no_grad():
         want = model(ids).logits
         assert rel(dense_logits(model, ids), want) > 100 * TOL
-        got = enable_msa_kernels(model, backend="triton")(ids).logits
+    want_tokens = model.generate(ids[:, :140], do_sample=False, max_new_tokens=5)
+    enable_msa_kernels(model, backend="triton")
+    with torch.no_grad():
+        got = model(ids).logits
     assert rel(got, want) <= TOL
+    scans, real = [], minimax_m3.MSAM3Attention._decode_index
+
+    def spy(self, *args):
+        scans.append(args[-1].shape[1])  # the cached keys it scans
+        return real(self, *args)
+    monkeypatch.setattr(minimax_m3.MSAM3Attention, "_decode_index", spy)
+    assert torch.equal(model.generate(ids[:, :140], do_sample=False, max_new_tokens=5), want_tokens)
+    assert scans == [141, 142, 143, 144]  # every decode step after the prefill
 
 
 def test_sdpa_model_and_state_dict_unchanged():

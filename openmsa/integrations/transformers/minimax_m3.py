@@ -25,6 +25,14 @@ What it reproduces of transformers' M3 (docs/spec.md sections 4 and 7):
   of a ``DynamicCache``, what ``generate()`` builds), so prefill, chunked prefill and
   decode (Lq < Lk, bottom-right causal) need nothing special.
 
+Decode on the Triton backend (at most 16 new tokens per sequence on at least
+``DECODE_SCAN_MIN_KEYS`` cached keys, no KL wanted): the Index Branch runs the serving
+decode's split index scan (``openmsa.serving.MSADecodeWrapper.run_index``, exact, the same
+selection) directly on the cache's index keys, which a strided view presents as pages
+(page p of sequence b starts at key row b·S + p·B); the query-tile indexer would scan a
+long context with one program per index head. One plan per step and shape serves every
+layer (it reads the step's lengths on the host once).
+
 Training the indexer (transformers' M3 has no indexer loss): the index branch reads the
 layer input with its gradient stopped (sg(x), spec section 7), and each layer stores the
 spec's sparse KL (section 6; ``mode="dense"``: dense attention and the dense warmup KL) in
@@ -60,6 +68,9 @@ from .masks import check_attention_mask
 __all__ = ["MSAM3Attention", "m3_attention_sites", "enable_minimax_m3"]
 
 SPARSE_LAYER = "minimax_m3_sparse"
+DECODE_MAX_QUERIES = 16  # new tokens per sequence that the split decode scan takes
+DECODE_SCAN_MIN_KEYS = 4096  # cached keys from which decode uses the split scan
+_DECODE_PLAN_ATTR = "_openmsa_m3_decode_plan"  # on the cache: (key, MSADecodeWrapper)
 
 
 def _m3_classes():
@@ -241,7 +252,13 @@ class MSAM3Attention(IndexBranchMixin, nn.Module):
             k, v = k.repeat_interleave(self.kv_repeat, 2), v.repeat_interleave(self.kv_repeat, 2)
         want_kl = torch.is_grad_enabled() if self.compute_kl is None else self.compute_kl
         kw = dict(block_size=self.block_size, backend=self.backend)
-        if self.mode == "sparse":
+        if self.mode == "sparse" and not want_kl and self._split_decode(cache, s, ki):
+            idx = self._decode_index(cache, qi.detach(), ki.detach())
+            if self.index_repeat > 1:
+                idx = idx.repeat_interleave(self.index_repeat, 0)
+            o, _ = sparse_attention(q, k, v, idx, softmax_scale=self.scaling, **kw)
+            kl = None
+        elif self.mode == "sparse":
             idx, index_lse = indexer_topk(qi.detach(), ki.detach(), topk=self.topk, softmax_scale=1.0,
                                           init_blocks=self.init_blocks, local_blocks=self.local_blocks,
                                           **kw)
@@ -260,6 +277,42 @@ class MSAM3Attention(IndexBranchMixin, nn.Module):
                                            compute_kl=want_kl, dense_block_size=self.block_size, **kw)
         self.kl_loss = kl
         return self.o_proj(o.reshape(b, s, -1)), None
+
+    def _split_decode(self, cache, s: int, ki: torch.Tensor) -> bool:
+        """Whether this step's Index Branch runs the split decode scan (module docstring)."""
+        return (cache is not None and 0 < s <= DECODE_MAX_QUERIES and ki.shape[1] >= DECODE_SCAN_MIN_KEYS
+                and ki.shape[1] >= self.block_size
+                and resolve("indexer_topk", self.backend, ki.device) == "triton"
+                and self.block_size in SUPPORTED["paged_decode"].block_sizes
+                and self.index_head_dim in SUPPORTED["paged_decode"].index_head_dims
+                and self.topk <= SUPPORTED["paged_decode"].max_topk)
+
+    def _decode_index(self, cache, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """topk_indices [index heads, b, s, K] of the split decode scan over the cached index
+        keys ki [b, S, 1, Di] (contiguous, as the cache holds them)."""
+        from ...serving import MSADecodeWrapper
+        b, s, hidx, di = qi.shape
+        n, bs = ki.shape[1], self.block_size
+        key = (b, s, n, hidx, di, bs, self.topk, self.init_blocks, self.local_blocks, qi.dtype, qi.device)
+        plan = getattr(cache, _DECODE_PLAN_ATTR, None)
+        if plan is None or plan[0] != key:
+            w = MSADecodeWrapper(hidx, hidx, di, di, block_size=bs, topk=self.topk, index_softmax_scale=1.0,
+                                 max_q_per_request=DECODE_MAX_QUERIES, init_blocks=self.init_blocks,
+                                 local_blocks=self.local_blocks)
+            full, pages = n // bs, -(-n // bs)
+            # page p of sequence b starts at key row b*n + p*bs; the partial last page is
+            # never scanned (candidates lie before the local block), so it may point anywhere
+            table = torch.zeros(b, pages, dtype=torch.int64)
+            table[:, :full] = torch.arange(b)[:, None] * n + torch.arange(full)[None, :] * bs
+            w.plan(torch.arange(b + 1, dtype=torch.int32, device=qi.device) * s,
+                   torch.full((b,), n, dtype=torch.int32, device=qi.device),
+                   table.to(device=qi.device, dtype=torch.int32), dtype=qi.dtype)
+            plan = (key, w)
+            setattr(cache, _DECODE_PLAN_ATTR, plan)
+        rows = ki.reshape(b * n, di)
+        pool = rows.as_strided((b * n - bs + 1, bs, di), (di, di, 1))
+        idx = plan[1].run_index(qi.reshape(b * s, hidx, di), pool)
+        return idx.view(hidx, b, s, self.topk)
 
     def _grouped(self, qi: torch.Tensor) -> torch.Tensor:
         """qi [b, s, index heads, Di] with one head per openmsa group."""
