@@ -4,7 +4,7 @@ A reduced-depth M3 text model at the real attention shapes (hidden 6144, Hq 64, 
 D 128, 4 index heads of Di 128, block 128, K 16, 1 local block; ``--layers`` sparse
 layers, default 2, a small dense MLP, vocab 32768, random bf16 weights) is timed
 
-- prefill (one sequence, ``--prefill`` lengths, default 32K and 128K; a fresh
+- prefill (one sequence, ``--prefill`` lengths, default 8K, 32K and 128K; a fresh
   ``DynamicCache(config=...)`` per call, logits of the last token only), and
 - decode (one new token on a cache of ``--decode`` tokens, default 128K; the cache is
   filled once by the openmsa prefill, which writes the same k, v and index keys as
@@ -111,7 +111,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--prefill", default="32768,131072")
+    ap.add_argument("--prefill", default="8192,32768,131072")
+    ap.add_argument("--check", type=int, default=4096,
+                    help="tokens of the agreement check of the two paths' logits (0: none)")
     ap.add_argument("--decode", default="131072")
     ap.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--warmup", type=int, default=2)
@@ -127,6 +129,17 @@ def main():
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     results = []
+    agreement = None
+    if args.check:  # the two paths' logits on one prompt: relative error norm
+        ids = torch.randint(0, model.config.vocab_size, (1, args.check), device=DEVICE, generator=gen)
+        logits = {}
+        for name in ("openmsa", "hf"):
+            paths.use(name)
+            with torch.no_grad():
+                logits[name] = model(ids, use_cache=False).logits.float()
+        agreement = ((logits["openmsa"] - logits["hf"]).norm() / logits["hf"].norm()).item()
+        del logits
+        print("logits agreement (relative error norm):", agreement, flush=True)
 
     def prefill(ids):
         with torch.no_grad():
@@ -166,7 +179,8 @@ def main():
 
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                 transformers=__import__("transformers").__version__, layers=args.layers,
-                hf_attn=args.hf_attn, weights_gib=weights_gib,
+                hf_attn=args.hf_attn, weights_gib=weights_gib, check_tokens=args.check,
+                logits_rel_error=agreement,
                 shapes=("tiny, float32" if args.tiny else
                         "hidden 6144, Hq 64, Hkv 4, D 128, index 4 x 128, block 128, K 16, local 1, "
                         "dense MLP 4096, vocab 32768, bf16"))
@@ -176,8 +190,9 @@ def main():
     lines = [f"# MiniMax-M3 sparse layers: openmsa vs transformers ({args.hf_attn})", "",
              f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}; "
              f"{args.layers} sparse layers ({meta['shapes']}); weights {weights_gib:.1f} GiB. "
-             f"Median of {args.runs} (decode: {args.runs * 4}) CUDA-event timings after warmup; "
-             f"peak = max allocated during the timed calls.", "",
+             f"Median of {args.runs} (decode: {args.runs * 4}) timings after warmup (CUDA events; on a CPU wall clock); "
+             f"peak = max allocated during the timed calls. Logits of the two paths on "
+             f"{args.check} tokens: relative error norm {agreement if agreement is None else f'{agreement:.2e}'}.", "",
              "| phase | tokens | openmsa (ms) | openmsa peak (GiB) | transformers (ms) | "
              "transformers peak (GiB) | speedup |", "|---|---|---|---|---|---|---|"]
     keyed = {(r["phase"], r["tokens"], r["path"]): r for r in results}
