@@ -98,8 +98,9 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
             at the query's own block, where visible; ``init_blocks + local_blocks <= topk``.
     Returns:
         ``topk_indices`` int32 ``[Hkv, total_q, topk]``: the selected earlier blocks, then
-        the forced blocks in ascending order (the local block last), then -1 padding. ``index_lse`` float32 ``[Hkv, total_q]``: the
-        logsumexp of the index scores over the selected visible tokens. No autograd.
+        the forced blocks in ascending order (the local block last), then -1 padding.
+        ``index_lse`` float32 ``[Hkv, total_q]``: the logsumexp of the index scores over
+        the selected visible tokens. No autograd.
     """
     backend = V.check_backend(backend)
     block_size = V.check_positive_int("block_size", block_size)
