@@ -363,3 +363,31 @@ def test_llama_path_is_the_conversion():
         assert [type(m) for m in msa_layers(model)] == [MSAHFAttention, MSAHFAttention]
         assert enable_msa_kernels(model) is model  # already converted: unchanged
         assert rel(model(ids).logits, want) <= TOL  # dense mode keeps the outputs
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_transformers_at_m3_block_shapes(monkeypatch):
+    """On a GPU, bf16, B = 128, Di = D = 128, K = 4 on 8 blocks: prefill logits and the
+    decode steps (the split index scan, here from 512 cached keys) against transformers'
+    SDPA path. bf16 rounding may flip near-tied blocks, hence the loose logits tolerance."""
+    from openmsa.integrations.transformers import minimax_m3
+    monkeypatch.setattr(minimax_m3, "DECODE_SCAN_MIN_KEYS", 512)
+    torch.manual_seed(0)
+    cfg = text_config(head_dim=128, index_head_dim=128, index_block_size=128, index_topk_blocks=4,
+                      index_local_blocks=2, num_attention_heads=8, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    model = draw_norms(MiniMaxM3VLForCausalLM(cfg)).eval().cuda().to(torch.bfloat16)
+    ids = tokens(1, 1000, seed=8).cuda()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    enabled = enable_msa_kernels(copy.deepcopy(model))
+    with torch.no_grad():
+        got = enabled(ids).logits.float()
+    assert rel(got, want) <= 2e-2
+    out_w = model.generate(ids[:, :600], do_sample=False, max_new_tokens=8, output_logits=True,
+                           return_dict_in_generate=True)
+    out_g = enabled.generate(ids[:, :600], do_sample=False, max_new_tokens=8, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(out_g.sequences, out_w.sequences)
+    for a, b in zip(out_g.logits, out_w.logits):
+        assert rel(a.float(), b.float()) <= 2e-2
