@@ -67,7 +67,6 @@ from .masks import check_attention_mask
 
 __all__ = ["MSAM3Attention", "m3_attention_sites", "enable_minimax_m3"]
 
-SPARSE_LAYER = "minimax_m3_sparse"
 DECODE_MAX_QUERIES = 16  # new tokens per sequence that the split decode scan takes
 DECODE_SCAN_MIN_KEYS = 4096  # cached keys from which decode uses the split scan
 _DECODE_PLAN_ATTR = "_openmsa_m3_decode_plan"  # on the cache: (key, MSADecodeWrapper)
