@@ -19,7 +19,7 @@ def bench(lens, topk=K, det=True, cfg=None, corr=False):
     qi, ki, cu = inputs(lens, corr)
     old = triton_impl.config
     if cfg is not None:
-        triton_impl.config = lambda di, dtype, topk, device=None: cfg
+        triton_impl.config = lambda di, dtype, nsel, device=None: cfg
     try:
         fn = lambda: openmsa.indexer_topk(qi, ki, cu, cu, block_size=B, topk=topk,
                                           deterministic=det, backend="triton")
@@ -31,7 +31,7 @@ def bench(lens, topk=K, det=True, cfg=None, corr=False):
     return ms, 2 * HKV * DI * visible / (ms * 1e-3) / 1e12
 
 print(torch.cuda.get_device_name(), "triton", triton.__version__,
-      "default (BLOCK_M, warps, stages):", triton_impl.config(DI, torch.bfloat16, K))
+      "default (BLOCK_M, warps, stages):", triton_impl.config(DI, torch.bfloat16, K - 1))
 for n in (8192, 32768, 131072, 1 << 20):
     for det, corr in ((True, False), (False, False), (True, True)):
         ms, tf = bench([n], det=det, corr=corr)

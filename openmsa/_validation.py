@@ -120,6 +120,20 @@ def check_finite_float(name: str, value) -> float:
     return value
 
 
+def check_forced_blocks(init_blocks, local_blocks, topk: int) -> tuple[int, int]:
+    """The forced blocks of the Index Branch (docs/spec.md section 4): ``init_blocks`` >= 0,
+    ``local_blocks`` >= 1, together at most ``topk``."""
+    if isinstance(init_blocks, bool) or not isinstance(init_blocks, numbers.Integral):
+        raise TypeError(f"init_blocks must be a non-negative int, got {init_blocks!r}")
+    if init_blocks < 0:
+        raise ValueError(f"init_blocks must be a non-negative int, got {init_blocks}")
+    local_blocks = check_positive_int("local_blocks", local_blocks)
+    if init_blocks + local_blocks > topk:
+        raise ValueError(f"init_blocks + local_blocks ({init_blocks} + {local_blocks}) must be at "
+                         f"most topk ({topk}): forced blocks take their slots first")
+    return int(init_blocks), local_blocks
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")

@@ -82,7 +82,8 @@ def _unflatten_rows(t, batched: _Batch | None, row_dim: int):
 
 
 def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128, topk=16,
-                 softmax_scale=None, deterministic=False, backend="auto"):
+                 softmax_scale=None, deterministic=False, backend="auto", init_blocks=0,
+                 local_blocks=1):
     """Index Branch (docs/spec.md section 4): exp-free Top-k key blocks per query and KV group.
 
     Args:
@@ -92,14 +93,20 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
         block_size: tokens per key block (B). topk: blocks kept per query and group (K).
         softmax_scale: scale_i, default ``Di ** -0.5``.
         deterministic: order the non-local entries by score desc, then block id asc.
+        init_blocks, local_blocks: forced blocks (docs/spec.md section 4), taken before any
+            ranked one: blocks ``0 .. init_blocks-1`` and the ``local_blocks`` blocks ending
+            at the query's own block, where visible; ``init_blocks + local_blocks <= topk``.
     Returns:
         ``topk_indices`` int32 ``[Hkv, total_q, topk]``: the selected earlier blocks, then
-        the local block, then -1 padding. ``index_lse`` float32 ``[Hkv, total_q]``: the
-        logsumexp of the index scores over the selected visible tokens. No autograd.
+        the forced blocks in ascending order (the local block last), then -1 padding.
+        ``index_lse`` float32 ``[Hkv, total_q]``: the logsumexp of the index scores over
+        the selected visible tokens. No autograd.
     """
     backend = V.check_backend(backend)
     block_size = V.check_positive_int("block_size", block_size)
     topk = V.check_positive_int("topk", topk)
+    init_blocks, local_blocks = V.check_forced_blocks(init_blocks, local_blocks, topk)
+    forced = dict(init_blocks=init_blocks, local_blocks=local_blocks)
     V.check_bool("deterministic", deterministic)
     (qi,), (ki,), cu_q, cu_k, batched = _packed([("qi", qi)], [("ki", ki)], cu_seqlens_q, cu_seqlens_k)
     V.check_index_qk(qi, ki)
@@ -111,10 +118,11 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
         if impl == "reference":
             varlen = varlen.host()
             idx, lse = indexer_topk_reference(qi, ki, varlen.cu_q, varlen.cu_k,
-                                              block_size=block_size, topk=topk, scale=scale)
+                                              block_size=block_size, topk=topk, scale=scale, **forced)
         else:
             idx, lse = triton_op("indexer_topk")(qi, ki, varlen, block_size=block_size,
-                                                  topk=topk, scale=scale, deterministic=deterministic)
+                                                  topk=topk, scale=scale, deterministic=deterministic,
+                                                  **forced)
     return _unflatten_rows(idx, batched, 1), _unflatten_rows(lse, batched, 1)
 
 
@@ -237,14 +245,15 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128,
                   topk=16, softmax_scale=None, index_softmax_scale=None, deterministic=False,
-                  backend="auto"):
+                  backend="auto", init_blocks=0, local_blocks=1):
     """The whole MSA layer core: Index Branch -> Main Branch -> sparse KL.
 
     Returns ``(out, kl_loss, topk_indices)``: out like q (differentiable w.r.t. q, k, v),
     the unscaled KL (coeff 1; differentiable w.r.t. qi, ki only) and the indices.
     ``deterministic``: the indices in the deterministic order of ``indexer_topk`` and the
     bitwise-repeatable backward of ``sparse_attention`` and ``indexer_kl_loss`` (their
-    ``deterministic`` option). Non-finite inputs: the rules of those functions.
+    ``deterministic`` option). ``init_blocks``, ``local_blocks``: the forced blocks of
+    ``indexer_topk``. Non-finite inputs: the rules of those functions.
     """
     backend = V.check_backend(backend)
     # Validate everything up front, including what only the later stages read.
@@ -259,6 +268,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     V.check_scale("index_softmax_scale", index_softmax_scale, 1.0)
     V.check_positive_int("block_size", block_size)
     V.check_positive_int("topk", topk)
+    V.check_forced_blocks(init_blocks, local_blocks, topk)
     V.check_bool("deterministic", deterministic)
     stages = ("indexer_topk", "sparse_attention", "indexer_kl_loss")
     V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
@@ -268,7 +278,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
             triton_op(op)
     kw = dict(block_size=block_size, backend=backend)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
-                                  softmax_scale=index_softmax_scale, deterministic=deterministic, **kw)
+                                  softmax_scale=index_softmax_scale, deterministic=deterministic,
+                                  init_blocks=init_blocks, local_blocks=local_blocks, **kw)
     out, lse = sparse_attention(q_p, k_p, v_p, idx, cu_q, cu_k, softmax_scale=softmax_scale,
                                 deterministic=deterministic, **kw)
     kl = indexer_kl_loss(q_p.detach(), k_p.detach(), qi_p, ki_p, idx, cu_q, cu_k,

@@ -106,12 +106,14 @@ def bf_rank_blocks(scores: dict) -> list:
     return sorted(scores, key=key)
 
 
-def bf_indexer_topk(qi, ki, cu_q, cu_k, block_size: int, topk: int, scale: float):
+def bf_indexer_topk(qi, ki, cu_q, cu_k, block_size: int, topk: int, scale: float,
+                    init_blocks: int = 0, local_blocks: int = 1):
     """Reference Index Branch.
 
     Returns (indices int32 [Hkv, total_q, topk], index_lse float64 [Hkv, total_q]).
-    Row order: the min(topk-1, l) best earlier blocks (score desc, ties by block id,
-    NaN last), then the local block l, then -1.
+    Row order: the best of the other earlier blocks (score desc, ties by block id, NaN
+    last) in the slots the forced blocks leave, then the forced blocks ascending (blocks
+    0..init_blocks-1 and l-local_blocks+1..l, those in [0, l]; by default l alone), then -1.
     """
     qi64 = qi.detach().to(F64)
     ki64 = ki.detach().to(F64)
@@ -124,9 +126,11 @@ def bf_indexer_topk(qi, ki, cu_q, cu_k, block_size: int, topk: int, scale: float
         ki_seq = ki64[k0:k0 + lk, 0]
         for g in range(hkv):
             z = bf_index_scores(qi64[t, g], ki_seq, p, scale)
-            scores = {c: bf_block_score(z, c, block_size) for c in range(loc)}
-            chosen = bf_rank_blocks(scores)[: min(topk - 1, loc)]
-            row = chosen + [loc]
+            forced = sorted({c for c in range(init_blocks) if c <= loc}
+                            | {c for c in range(loc - local_blocks + 1, loc + 1) if c >= 0})
+            scores = {c: bf_block_score(z, c, block_size) for c in range(loc) if c not in forced}
+            chosen = bf_rank_blocks(scores)[: topk - init_blocks - local_blocks]
+            row = chosen + forced
             idx[g, t, : len(row)] = torch.tensor(row, dtype=torch.int32)
             tok = bf_token_set(row, p, lk, block_size)
             lse[g, t] = torch.logsumexp(z[tok], dim=0)

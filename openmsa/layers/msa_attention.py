@@ -58,7 +58,8 @@ def all_blocks_topk(num_keys: int, block_size: int, head_dim: int, index_head_di
 def dense_warmup_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *,
                            block_size: int, backend: str, softmax_scale: float | None = None,
                            compute_kl: bool = True, dense_block_size: int | None = None,
-                           batch_shape: tuple[int, int] | None = None):
+                           batch_shape: tuple[int, int] | None = None,
+                           index_softmax_scale: float | None = None):
     """Dense mode of an MSA layer (the warmup of docs/spec.md section 6): full causal
     attention and, with ``compute_kl``, the indexer KL over all visible tokens. Returns
     ``(out, kl)``, kl None without ``compute_kl``.
@@ -90,6 +91,7 @@ def dense_warmup_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None
     ``block_size`` is the Index Branch's B, the block size of path 1. ``dense_block_size``
     is the one given to the dense ops of paths 2 and 3: it only sets how they cut the keys
     into chunks, not the result beyond float rounding; None leaves the ops' default.
+    ``index_softmax_scale``: the student's scale in the KL (None: Di^-0.5, the ops' default).
     """
     if cu_seqlens_q is None:
         num_keys, no_prefix = k.shape[1], k.shape[1] == q.shape[1]
@@ -99,7 +101,8 @@ def dense_warmup_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None
     if compute_kl and num_keys is not None and (kall := all_blocks_topk(
             num_keys, block_size, q.shape[-1], qi.shape[-1], backend, q.device)):
         o, kl, _ = msa_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-                                 topk=kall, softmax_scale=softmax_scale, backend=backend)
+                                 topk=kall, softmax_scale=softmax_scale, backend=backend,
+                                 index_softmax_scale=index_softmax_scale)
         return o, kl
     dense_kw = dict(backend=backend, softmax_scale=softmax_scale)
     if dense_block_size is not None:
@@ -115,7 +118,7 @@ def dense_warmup_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None
     else:
         o, lse = sparse_attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, **dense_kw)
     kl = indexer_kl_loss(q.detach(), k.detach(), qi, ki, None, cu_seqlens_q, cu_seqlens_k, lse=lse,
-                         **dense_kw) if compute_kl else None
+                         index_softmax_scale=index_softmax_scale, **dense_kw) if compute_kl else None
     return o, kl
 
 
@@ -178,6 +181,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
         num_heads / num_kv_heads: Hq and Hkv (GQA; Hq a multiple of Hkv).
         head_dim: D (default hidden_size // num_heads). index_head_dim: Di.
         block_size, topk: B and K of the Index Branch.
+        init_blocks, local_blocks: the Index Branch's forced blocks (docs/spec.md section 4;
+            default 0 and 1: the local block alone).
         qk_norm: per-head RMSNorm on q, k, qi, ki.
         rotary_dim: channels rotated by RoPE (None: all of head_dim; 0: no RoPE). Must be
             even and at most min(head_dim, index_head_dim).
@@ -200,7 +205,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16,
                  qk_norm: bool = False, rotary_dim=None, rope_theta: float = 10000.0,
                  mode: str = "sparse", bias: bool = False, norm_eps: float = 1e-6,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", device=None, dtype=None, init_blocks: int = 0,
+                 local_blocks: int = 1):
         super().__init__()
         hidden_size = V.check_positive_int("hidden_size", hidden_size)
         num_heads = V.check_positive_int("num_heads", num_heads)
@@ -211,6 +217,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
         self.index_head_dim = V.check_positive_int("index_head_dim", index_head_dim)
         self.block_size = V.check_positive_int("block_size", block_size)
         self.topk = V.check_positive_int("topk", topk)
+        self.init_blocks, self.local_blocks = V.check_forced_blocks(init_blocks, local_blocks, self.topk)
         rotary_dim = min(self.head_dim, self.index_head_dim) if rotary_dim is None else rotary_dim
         if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 0 \
                 or rotary_dim % 2 or rotary_dim > min(self.head_dim, self.index_head_dim):
@@ -319,7 +326,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
             kl = qi.to(kl_dtype).sum() + ki.to(kl_dtype).sum()
         elif self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
-                                     topk=self.topk, backend=self.backend)
+                                     topk=self.topk, backend=self.backend,
+                                     init_blocks=self.init_blocks, local_blocks=self.local_blocks)
         else:  # batched x is a pack of equal-length sequences (batch_shape): faster paths
             o, kl = dense_warmup_attention(
                 q, k, v, qi, ki, cu, cu, block_size=self.block_size, backend=self.backend,

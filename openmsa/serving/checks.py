@@ -176,7 +176,7 @@ def check_int(name, value, low=1):
 
 
 def check_wrapper_config(w, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk,
-                         softmax_scale, index_softmax_scale) -> None:
+                         softmax_scale, index_softmax_scale, init_blocks=0, local_blocks=1) -> None:
     """Validate and set the model constants of a serving wrapper ``w``."""
     w.num_heads = check_int("num_heads", num_heads)
     w.num_kv_heads = check_int("num_kv_heads", num_kv_heads)
@@ -196,6 +196,7 @@ def check_wrapper_config(w, num_heads, num_kv_heads, head_dim, index_head_dim, b
     w.topk = check_int("topk", topk)
     if topk > shapes.max_topk:
         raise ValueError(f"topk must be at most {shapes.max_topk}, got {topk}")
+    w.init_blocks, w.local_blocks = V.check_forced_blocks(init_blocks, local_blocks, topk)
     w.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     w.index_softmax_scale = (1.0 / math.sqrt(index_head_dim) if index_softmax_scale is None
                              else float(index_softmax_scale))

@@ -19,8 +19,9 @@ the pools ``k_cache, v_cache [num_pages, B, Hkv, D]``, ``ki_cache [num_pages, B,
 allocates nothing, never synchronises with the host and can be captured in a CUDA graph.
 It returns the wrapper's own ``out [total_q, Hq, D]`` (and ``lse [total_q, Hq]`` float32
 with ``return_lse=True``) and ``topk_indices [Hkv, total_q, K]`` (logical block ids in the
-spec's deterministic order: score descending, ties to the smaller id, then the local
-block, then -1); the next ``run()`` overwrites them. The kernels never address memory
+spec's deterministic order: score descending, ties to the smaller id, then the forced
+blocks ascending (``init_blocks``, ``local_blocks``; by default the local block alone),
+then -1); the next ``run()`` overwrites them. The kernels never address memory
 through a page id outside [0, num_pages) (say, a bad id written into the planned page table
 behind plan()'s back): the index scan reads the id clamped into [0, num_pages) (page 0 or
 the last page), the attention gets no K/V tokens from it; other requests are unaffected.
@@ -68,9 +69,10 @@ class MSADecodeWrapper:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, index_head_dim: int, *,
                  block_size: int = 128, topk: int = 16, softmax_scale: float | None = None,
-                 index_softmax_scale: float | None = None, max_q_per_request: int = 16):
+                 index_softmax_scale: float | None = None, max_q_per_request: int = 16,
+                 init_blocks: int = 0, local_blocks: int = 1):
         check_wrapper_config(self, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk,
-                             softmax_scale, index_softmax_scale)
+                             softmax_scale, index_softmax_scale, init_blocks, local_blocks)
         self.max_q_per_request = check_int("max_q_per_request", max_q_per_request)
         self._plan = None
 
@@ -94,7 +96,8 @@ class MSADecodeWrapper:
         g_pad = max(16, triton.next_power_of_2(g))  # a group's heads are the MMA rows: >= 16
         qmax = max(qlens) if qlens else 0
         rows = max(16, triton.next_power_of_2(max(1, qmax) * hkv))
-        kpad = max(2, triton.next_power_of_2(max(self.topk - 1, 1)))
+        nsel = self.topk - self.init_blocks - self.local_blocks  # ranked slots per row
+        kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
         sms = _sm_count(device)
         max_blocks = max((-(-kl // bs) for kl in lens), default=0)
         # split counts depend on shapes only (batch, page-table width, query count), so a
@@ -279,6 +282,7 @@ class MSADecodeWrapper:
             TOPK=topk, KPAD=kpad, PAGES=scan["pages_fp8" if ki_scale is not None else "pages"],
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
+            INIT_BLOCKS=self.init_blocks, LOCAL_BLOCKS=self.local_blocks,
             num_warps=scan["warps"], num_stages=scan["stages"])
         cand, nlists = p["cand"], nsplit
         if nsplit > _MERGE_GROUP:
@@ -286,14 +290,15 @@ class MSADecodeWrapper:
             kern["decode_topk_reduce_kernel"][(p["batch"], p["rows"], ngroups)](
                 cand, p["cand2"], p["cu_q"], nsplit, ngroups,
                 HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], TOPK=topk, KPAD=kpad,
-                GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1, num_warps=4)
+                GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1,
+                NSEL=topk - self.init_blocks - self.local_blocks, num_warps=4)
             cand, nlists = p["cand2"], ngroups
         npad = triton.next_power_of_2(nlists)
         kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
             cand, p["cu_q"], p["kv_lens"], topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
             KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1,
-            num_warps=4)
+            INIT_BLOCKS=self.init_blocks, LOCAL_BLOCKS=self.local_blocks, num_warps=4)
         return topk_idx
 
     def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):

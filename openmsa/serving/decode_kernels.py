@@ -10,16 +10,17 @@ branches split their work across programs and merge afterwards (flash-decoding):
 ``decode_topk_split_kernel``: program (request b, split s) scores the request's ROWS =
 q_tokens x Hkv index queries (all groups share the index keys: one read of each page
 serves them all) against the pages [s * pages_per_split, ...) of the request, and keeps a
-streaming per-row Top-(K-1) of the candidate blocks c < l(row) as int64 sort keys
+streaming per-row Top-(K-INIT-LOCAL) of the candidate blocks INIT <= c < l(row) - LOCAL + 1
+(the blocks that are not forced, docs/spec.md section 4; by default c < l) as int64 sort keys
 (``openmsa.ops.utils.topk``, shared with the Index Branch kernel: ordered score << 32 |
 (0x7FFFFFFF - id), so a larger key is a higher score, ties to the smaller id, NaN below
 -inf).
 
 ``decode_topk_merge_kernel``: program (request b, row) merges the splits' sorted
-candidate lists pairwise (a tree of log2(NSPLIT) merges) and writes the best min(K-1, l)
-block ids (score descending, ties to the
-smaller id: the spec's deterministic order), then the local block l, then -1. The global
-Top-(K-1) is within the union of the splits' Top-(K-1), so this is exact.
+candidate lists pairwise (a tree of log2(NSPLIT) merges) and writes the best ranked block
+ids (score descending, ties to the smaller id: the spec's deterministic order), then the
+forced blocks in ascending order (by default the local block l alone), then -1. The global
+Top-n is within the union of the splits' Top-n, so this is exact.
 
 ``decode_attention_split_kernel``: program (query row t, group g, split s) runs the G heads
 of group g (one MMA tile of G_PAD rows) over the selected blocks of slots
@@ -69,11 +70,13 @@ def _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d, num_page
 
 
 @triton.jit
-def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale, QDTYPE: tl.constexpr,
+def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, cand_end, row_ok, pg, scale, QDTYPE: tl.constexpr,
                        ROWS: tl.constexpr, PAGES: tl.constexpr, BLOCK: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr):
-    """Block scores of PAGES pages for every row, inserted into the rows' streaming Top-(K-1)
-    of int64 keys (score order, then the lower block id)."""
+                       DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
+                       INIT_BLOCKS: tl.constexpr):
+    """Block scores of PAGES pages for every row, inserted into the rows' streaming Top-n
+    of int64 keys (score order, then the lower block id) where the block is a candidate
+    of the row (INIT_BLOCKS <= c < cand_end)."""
     if KI_FP8:
         # FP8 (E4M3) index keys with one float32 scale per token: half the bytes of the
         # scan. qi is FP8 too (an FP8 MMA; its per-row scale cannot change a row's
@@ -93,7 +96,8 @@ def _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, sca
             bmax = tl.where(tl.sum(tl.where(pg[None, :] == pi, (bmax_all != bmax_all).to(tl.int32), 0), 1) > 0,
                             float("nan"), bmax)
         score = bmax * scale  # the reference's block score, bit for bit (monotone rounding)
-        keys, kmin = topk_insert(keys, kmin, score_key(score, c), row_ok & (c < local) & (c < c1))
+        keys, kmin = topk_insert(keys, kmin, score_key(score, c),
+                                 row_ok & (c >= INIT_BLOCKS) & (c < cand_end) & (c < c1))
     return keys, kmin
 
 
@@ -105,10 +109,11 @@ def decode_topk_split_kernel(
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     DI: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, KI_FP8: tl.constexpr,
+    INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
-    NSEL: tl.constexpr = TOPK - 1
+    NSEL: tl.constexpr = TOPK - INIT_BLOCKS - LOCAL_BLOCKS  # ranked slots
     # read from memory so that a captured CUDA graph follows a re-plan
     pages_per_split = tl.load(PAGES_PER_SPLIT)
     q0 = tl.load(ROW_SEQ_START + b)
@@ -119,14 +124,16 @@ def decode_topk_split_kernel(
     g = r % HKV  # its group
     row_ok = (i < nq) & (i < QMAX)
     pos = kv_len - nq + i
-    local = tl.where(row_ok, pos // BLOCK, 0)
+    cand_end = tl.where(row_ok, pos // BLOCK - (LOCAL_BLOCKS - 1), 0)  # candidates c < cand_end
     d = tl.arange(0, DI)
     qi = tl.load(QI + (q0 + i).to(tl.int64)[:, None] * stride_qt + g[:, None] * stride_qh + d[None, :],
                  mask=row_ok[:, None], other=0.0)
     col = tl.arange(0, KPAD)
     keys, kmin = empty_topk(ROWS, KPAD, NSEL)
-    # candidate blocks: c < l(row) for some row; the last row has the largest l
-    n_cand = tl.max(local, axis=0)
+    # candidate blocks: c < cand_end(row) for some row; the last row has the largest
+    n_cand = tl.max(cand_end, axis=0)
+    if NSEL == 0:
+        n_cand = n_cand * 0  # nothing is ranked: no page to scan
     c0 = s * pages_per_split
     c1 = tl.minimum(c0 + pages_per_split, n_cand)
     # PAGES pages per iteration: one [ROWS, PAGES * B] dot and more bytes in flight per
@@ -139,9 +146,9 @@ def decode_topk_split_kernel(
     for cb in range(c0, c1, PAGES):
         kblk, ksc = _load_index_pages(KI_CACHE, KI_SCALE, PAGE_TABLE, b, cb, c1, jj, d, num_pages,
                                       stride_kp, stride_kt, stride_pb, stride_sp, BLOCK, KI_FP8)
-        keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, local, row_ok, pg, scale,
+        keys, kmin = _score_index_pages(qi, kblk, ksc, keys, kmin, cb, c1, cand_end, row_ok, pg, scale,
                                         QI.dtype.element_ty, ROWS, PAGES, BLOCK, DOT_PRECISION,
-                                        NAN_MAX_REDUCE, KI_FP8)
+                                        NAN_MAX_REDUCE, KI_FP8, INIT_BLOCKS)
     # sorted lists (best first) let the merge combine two lists with one max and one sort
     keys = sorted_topk(keys, NSEL, KPAD)
     base = ((b * num_splits + s).to(tl.int64) * ROWS + r)[:, None] * KPAD + col[None, :]
@@ -166,7 +173,7 @@ def _merge_sorted_lists(keys, NLISTS: tl.constexpr, LOG2: tl.constexpr, KPAD: tl
 def decode_topk_reduce_kernel(
     CAND, CAND_OUT, ROW_SEQ_START, num_splits, num_groups,
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
-    KPAD: tl.constexpr, GROUP: tl.constexpr, LOG2_GROUP: tl.constexpr,
+    KPAD: tl.constexpr, GROUP: tl.constexpr, LOG2_GROUP: tl.constexpr, NSEL: tl.constexpr,
 ):
     """First merge level when there are many splits: program (request b, row r, group j)
     merges the sorted lists of splits [j * GROUP, (j + 1) * GROUP) into one sorted list,
@@ -174,7 +181,6 @@ def decode_topk_reduce_kernel(
     b = tl.program_id(0)
     r = tl.program_id(1)
     j = tl.program_id(2)
-    NSEL: tl.constexpr = TOPK - 1
     q0 = tl.load(ROW_SEQ_START + b)
     nq = tl.load(ROW_SEQ_START + b + 1) - q0
     i = r // HKV
@@ -194,11 +200,11 @@ def decode_topk_merge_kernel(
     stride_ig, stride_it,
     HKV: tl.constexpr, QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr, NSPLIT_PAD: tl.constexpr,
-    LOG2_NSPLIT: tl.constexpr,
+    LOG2_NSPLIT: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     r = tl.program_id(1)
-    NSEL: tl.constexpr = TOPK - 1
+    NSEL: tl.constexpr = TOPK - INIT_BLOCKS - LOCAL_BLOCKS  # ranked slots
     q0 = tl.load(ROW_SEQ_START + b)
     nq = tl.load(ROW_SEQ_START + b + 1) - q0
     i = r // HKV
@@ -206,10 +212,18 @@ def decode_topk_merge_kernel(
     if (i < nq) & (i < QMAX):
         kv_len = tl.load(KV_LENS + b)
         local = (kv_len - nq + i) // BLOCK
+        # forced blocks [0, n_init) and [lo_local, local] (docs/spec.md section 4)
+        cand_end = local - (LOCAL_BLOCKS - 1)
+        lo_local = tl.maximum(cand_end, 0)
+        n_init = tl.minimum(lo_local, INIT_BLOCKS)
+        n_forced = n_init + local + 1 - lo_local
         t = (q0 + i).to(tl.int64)
         out = TOPK_OUT + g.to(tl.int64) * stride_ig + t * stride_it
         ocol = tl.arange(0, KOUT)
-        n_sel = tl.minimum(local, NSEL)
+        n_sel = tl.minimum(tl.maximum(cand_end - INIT_BLOCKS, 0), NSEL)
+        f = ocol - n_sel
+        forced = tl.where(f < n_init, f, lo_local + f - n_init)
+        tail = tl.where(f < n_forced, forced, -1)
         if NSEL > 0:
             sp = tl.arange(0, NSPLIT_PAD)
             col = tl.arange(0, KPAD)
@@ -220,9 +234,9 @@ def decode_topk_merge_kernel(
             pick = (col[None, :] == ocol[:, None]) & (ocol[:, None] < n_sel)
             sel = tl.sum(tl.where(pick, top[None, :], 0), 1)
             ids = key_block_id(sel)
-            row = tl.where(ocol < n_sel, ids, tl.where(ocol == n_sel, local, -1))
+            row = tl.where(ocol < n_sel, ids, tail)
         else:
-            row = tl.where(ocol == 0, local, -1)
+            row = tail
         tl.store(out + ocol, row.to(tl.int32), mask=ocol < TOPK)
 
 

@@ -46,9 +46,10 @@ class MSAPrefillWrapper:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, index_head_dim: int, *,
                  block_size: int = 128, topk: int = 16, softmax_scale: float | None = None,
-                 index_softmax_scale: float | None = None, deterministic: bool = False):
+                 index_softmax_scale: float | None = None, deterministic: bool = False,
+                 init_blocks: int = 0, local_blocks: int = 1):
         check_wrapper_config(self, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk,
-                             softmax_scale, index_softmax_scale)
+                             softmax_scale, index_softmax_scale, init_blocks, local_blocks)
         shapes = SUPPORTED["paged_prefill"]
         if block_size not in shapes.block_sizes or index_head_dim not in shapes.index_head_dims:
             raise ValueError(f"block_size must be one of {shapes.block_sizes} and index_head_dim one of "
@@ -125,7 +126,8 @@ class MSAPrefillWrapper:
         attention = _backend._load("openmsa.ops.attention.triton_impl:sparse_attention_forward", p["device"])
         topk_idx, _ = indexer(qi, ki_cache, p["varlen"], block_size=bs, topk=self.topk,
                               scale=self.index_softmax_scale, deterministic=self.deterministic,
-                              page_table=p["page_table"], out=p["topk"], with_lse=False)
+                              page_table=p["page_table"], out=p["topk"], with_lse=False,
+                              init_blocks=self.init_blocks, local_blocks=self.local_blocks)
         out, lse = attention(q, k_cache, v_cache, topk_idx, p["varlen"], bs, self.softmax_scale,
                              page_table=p["page_table"], num_blocks_bound=p["num_blocks_bound"],
                              out=p["out"], lse=p["lse"])

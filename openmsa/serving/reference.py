@@ -119,13 +119,13 @@ def _check_queries(cu_seqlens_q, kv_lens, batch: int, total_q: int, qname: str) 
 
 def paged_indexer_topk_reference(qi, ki_cache, page_table, kv_lens, cu_seqlens_q, *,
                                  block_size=None, topk=16, softmax_scale=None,
-                                 deterministic=False):
+                                 deterministic=False, init_blocks=0, local_blocks=1):
     """Index Branch over the paged index keys (docs/spec.md sections 4 and 8).
 
     qi ``[total_q, Hkv, Di]``; ki_cache ``[num_pages, page_size, Di]``. Returns
     ``topk_indices`` int32 ``[Hkv, total_q, topk]`` (LOGICAL page ids, -1 padded) and
     ``index_lse`` float32 ``[Hkv, total_q]``, exactly ``openmsa.indexer_topk`` on the
-    gathered keys.
+    gathered keys (``init_blocks``, ``local_blocks``: its forced blocks).
     """
     V.check_tensor("qi", qi, 3, "[total_q, num_heads_kv, index_head_dim]")
     num_pages, page_size, _, _, di, device = check_pools(None, None, ki_cache, need_kv=False)
@@ -135,7 +135,8 @@ def paged_indexer_topk_reference(qi, ki_cache, page_table, kv_lens, cu_seqlens_q
     if qi.shape[2] != di:
         raise ValueError(f"ki_cache must have the index_head_dim of qi ({qi.shape[2]}), got {di}")
     block_size = _block_size(block_size, page_size)
-    V.check_positive_int("topk", topk)
+    topk = V.check_positive_int("topk", topk)
+    V.check_forced_blocks(init_blocks, local_blocks, topk)
     V.check_scale("softmax_scale", softmax_scale, 1.0)
     V.check_bool("deterministic", deterministic)
     batch = check_batch_meta(page_table, kv_lens, "kv_lens", device)
@@ -144,7 +145,7 @@ def paged_indexer_topk_reference(qi, ki_cache, page_table, kv_lens, cu_seqlens_q
     _, _, ki, cu_k = gather_paged(None, None, ki_cache, page_table, kv_lens)
     return indexer_topk(qi, ki, cu_seqlens_q, cu_k, block_size=block_size, topk=topk,
                         softmax_scale=softmax_scale, deterministic=deterministic,
-                        backend="reference")
+                        backend="reference", init_blocks=init_blocks, local_blocks=local_blocks)
 
 
 def _check_q_side(q, k_cache, v_cache):
@@ -184,7 +185,8 @@ def paged_sparse_attention_reference(q, k_cache, v_cache, topk_indices, page_tab
 
 def paged_msa_reference(q, qi, k_cache, v_cache, ki_cache, page_table, kv_lens, cu_seqlens_q,
                         *, block_size=None, topk=16, softmax_scale=None,
-                        index_softmax_scale=None, deterministic=False):
+                        index_softmax_scale=None, deterministic=False, init_blocks=0,
+                        local_blocks=1):
     """One serving step of an MSA layer, forward only: Index Branch, then Main Branch on
     the blocks it chose (no KL).
 
@@ -204,11 +206,13 @@ def paged_msa_reference(q, qi, k_cache, v_cache, ki_cache, page_table, kv_lens, 
     V.check_scale("softmax_scale", softmax_scale, 1.0)
     V.check_scale("index_softmax_scale", index_softmax_scale, 1.0)
     V.check_positive_int("topk", topk)
+    V.check_forced_blocks(init_blocks, local_blocks, topk)
     V.check_bool("deterministic", deterministic)
     _block_size(block_size, page_size)
     idx, index_lse = paged_indexer_topk_reference(
         qi, ki_cache, page_table, kv_lens, cu_seqlens_q, block_size=block_size, topk=topk,
-        softmax_scale=index_softmax_scale, deterministic=deterministic)
+        softmax_scale=index_softmax_scale, deterministic=deterministic, init_blocks=init_blocks,
+        local_blocks=local_blocks)
     out, lse = paged_sparse_attention_reference(
         q, k_cache, v_cache, idx, page_table, kv_lens, cu_seqlens_q, block_size=block_size,
         softmax_scale=softmax_scale)

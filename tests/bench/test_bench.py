@@ -80,3 +80,26 @@ def test_workload_table_writers(tmp_path, monkeypatch):
     assert p["weighted_mean_ms_representative"] == 1.0 and len(p["rows"]) == 2
     md = (tmp_path / "prefill_selection.md").read_text()
     assert "1 of 2 cases ran" in md and "| 2 | - | - | - | OOM | - | - |" in md
+
+
+def test_bench_m3_smoke_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/bench_m3.py end to end on tiny shapes (--tiny): both paths run, agree, and
+    the JSON / markdown are written."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    pytest.importorskip("transformers.models.minimax_m3_vl")
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "bench_m3.py"
+    spec = importlib.util.spec_from_file_location("bench_m3", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", ["bench_m3.py", "--tiny", "--out", str(tmp_path), "--prefill", "64",
+                                      "--decode", "80", "--check", "48", "--runs", "1", "--warmup", "0"])
+    bench.main()
+    data = json.loads((tmp_path / "m3.json").read_text())
+    assert data["meta"]["logits_rel_error"] < 1e-5
+    assert {(r["phase"], r["path"]) for r in data["results"]} == {
+        ("prefill", "openmsa"), ("prefill", "hf"), ("decode", "openmsa"), ("decode", "hf")}
+    assert "| decode | 80 |" in (tmp_path / "m3.md").read_text()

@@ -124,7 +124,7 @@ def test_layer_matches_openmsa_msattention(kind, mode):
     attn = model.model.layers[1].self_attn
     qk_norm = kind == "qwen3"
     ref = MSAttention(64, 4, 2, 16, index_head_dim=16, block_size=BS, topk=TOPK, qk_norm=qk_norm,
-                      rope_theta=model.config.rope_theta, mode=mode, norm_eps=1e-6)
+                      rope_theta=model.config.rope_parameters["rope_theta"], mode=mode, norm_eps=1e-6)
     with torch.no_grad():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "qi_proj", "ki_proj"):
             getattr(ref, name).weight.copy_(getattr(attn, name).weight)
@@ -341,12 +341,12 @@ def test_chunked_prefill_and_crop():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache()
-        model(ids[:, :30], past_key_values=cache, use_cache=True)
-        chunk = model(ids[:, 30:], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :30], cache=cache, use_cache=True)
+        chunk = model(ids[:, 30:], cache=cache, use_cache=True).logits
         assert rel(chunk, full[:, 30:]) <= TOL
-        cache.crop(37)  # as assisted decoding does: drop rejected draft tokens
+        cache.crop(37 - 56)  # as assisted decoding does: drop rejected draft tokens
         assert all(cache.layers[m.layer_idx].index_length() == 37 for m in msa_layers(model))
-        again = model(ids[:, 37:], past_key_values=cache, use_cache=True).logits
+        again = model(ids[:, 37:], cache=cache, use_cache=True).logits
         assert rel(again, full[:, 37:]) <= TOL
 
 
@@ -427,12 +427,12 @@ def test_unsupported_caches_are_refused():
     ids = tokens(1, 20)
     with torch.no_grad():
         with pytest.raises(TypeError, match="past_key_values"):
-            model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64), use_cache=True)
+            model(ids, cache=StaticCache(config=model.config, max_cache_len=64), use_cache=True)
         dense = make_model("llama")
         cache = DynamicCache()
-        dense(ids, past_key_values=cache, use_cache=True)  # filled without index keys
+        dense(ids, cache=cache, use_cache=True)  # filled without index keys
         with pytest.raises(ValueError, match="past_key_values"):
-            model(tokens(1, 1), past_key_values=copy.deepcopy(cache), use_cache=True)
+            model(tokens(1, 1), cache=copy.deepcopy(cache), use_cache=True)
 
 
 def test_dense_mode_sdpa_path_equals_the_reference_path():

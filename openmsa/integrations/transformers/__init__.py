@@ -1,9 +1,16 @@
-"""Hugging Face ``transformers`` integration: convert a dense GQA model to MSA in place.
+"""Hugging Face ``transformers`` integration: MiniMax-M3 on the openmsa kernels, and dense
+GQA models converted to MSA in place.
 
-Works with Llama/Qwen-style decoder-only models (Llama, Mistral without sliding window,
+:func:`enable_msa_kernels` is the entry point. On transformers' MiniMax-M3 (text or VL
+model) it runs every ``minimax_m3_sparse`` layer's indexer and attention through openmsa
+(``minimax_m3``: :class:`MSAM3Attention`; same selection and outputs as transformers, no
+O(S^2) tensor, the index keys in the model's own cache, the spec's KL for training the
+indexer). On any other model it is :func:`convert_to_msa`.
+
+The conversion works with Llama/Qwen-style decoder-only models (Llama, Mistral without sliding window,
 Qwen2, Qwen3, ...): decoder layers with a ``self_attn`` module made of ``q_proj``,
 ``k_proj``, ``v_proj``, ``o_proj`` (optional per-head ``q_norm``/``k_norm``) that
-receives the model's RoPE as ``position_embeddings``. Tested with transformers 4.57.
+receives the model's RoPE as ``position_embeddings``. Tested with transformers 5.23-5.25.
 
 Usage::
 
@@ -63,9 +70,11 @@ from __future__ import annotations
 from ...layers.msa_attention import collect_kl_losses
 from .attention import MSAHFAttention
 from .cache import MSACacheLayer
-from .convert import INDEX_INITS, MODES, convert_to_msa, index_parameters, msa_layers, set_msa_mode
+from .convert import (INDEX_INITS, MODES, convert_to_msa, enable_msa_kernels, index_parameters,
+                      msa_layers, set_msa_mode)
+from .minimax_m3 import MSAM3Attention
 
 __all__ = [
-    "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "collect_kl_losses",
-    "MSAHFAttention", "MSACacheLayer", "MODES", "INDEX_INITS",
+    "enable_msa_kernels", "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters",
+    "collect_kl_losses", "MSAHFAttention", "MSAM3Attention", "MSACacheLayer", "MODES", "INDEX_INITS",
 ]

@@ -38,7 +38,7 @@ from torch import nn
 from ... import _validation as V
 from ...api import indexer_topk, msa_attention, sparse_attention
 from ...layers.msa_attention import IndexBranchMixin, check_input_dtype, dense_warmup_attention
-from .cache import append_index_keys, prepare_cache
+from .cache import append_index_keys, cache_argument, prepare_cache
 from .masks import check_attention_mask
 
 __all__ = ["MSAHFAttention", "check_supported"]
@@ -199,9 +199,8 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
         return rot.transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, cache_position=None, **kwargs):
-        if past_key_values is None:  # the pre-4.56 keyword
-            past_key_values = kwargs.get("past_key_value")
+                cache=None, cache_position=None, **kwargs):
+        past_key_values = cache_argument(cache, kwargs)
         if position_embeddings is None:
             raise ValueError("position_embeddings (cos, sin) are required: the MSA layer uses the "
                              "RoPE the model computes once per forward")

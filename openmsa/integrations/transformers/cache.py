@@ -21,9 +21,18 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "openmsa.integrations.transformers needs the `transformers` package with per-layer "
-        "caches (>= 4.56; tested with 4.57.1): pip install 'transformers==4.57.1'") from exc
+        "caches (tested with 5.23-5.25): pip install 'transformers>=5.23,<5.26'") from exc
 
-__all__ = ["MSACacheLayer", "prepare_cache", "append_index_keys"]
+__all__ = ["MSACacheLayer", "prepare_cache", "append_index_keys", "cache_argument"]
+
+
+def cache_argument(cache, kwargs: dict):
+    """The cache an attention module was called with: ``cache`` (transformers 5), else the
+    keyword transformers 4 used (``past_key_values``, before 4.56 ``past_key_value``)."""
+    for name in ("past_key_values", "past_key_value"):
+        if cache is None:
+            cache = kwargs.get(name)
+    return cache
 
 
 class MSACacheLayer(DynamicLayer):
@@ -53,8 +62,8 @@ class MSACacheLayer(DynamicLayer):
         self.index_keys = ki if self.index_keys is None else torch.cat([self.index_keys, ki], dim=-2)
         return self.index_keys
 
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
         n = self.get_seq_length()
         if self.index_keys is not None and self.index_length() > n:
             self.index_keys = self.index_keys[..., :n, :]

@@ -1,9 +1,11 @@
 """Converting a transformers model to MSA in place, and handling its MSA layers afterwards.
 
-:func:`convert_to_msa` swaps the chosen layers' attention modules for
-:class:`MSAHFAttention`; :func:`set_msa_mode` switches them between the dense warmup and
-sparse mode; :func:`msa_layers` and :func:`index_parameters` find them and what the warmup
-optimizer trains.
+:func:`enable_msa_kernels` is the one entry point: transformers' MiniMax-M3 sparse layers
+run on openmsa (:mod:`.minimax_m3`), a dense Llama/Qwen-style model is converted by
+:func:`convert_to_msa`, which swaps the chosen layers' attention modules for
+:class:`MSAHFAttention`. :func:`set_msa_mode` switches the MSA layers between the dense
+warmup and sparse mode; :func:`msa_layers` and :func:`index_parameters` find them and
+what the warmup optimizer trains.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from torch import nn
 from ... import _validation as V
 from ...layers.msa_attention import MODES
 from .attention import MSAHFAttention, check_supported
+from .minimax_m3 import MSAM3Attention, enable_minimax_m3, m3_attention_sites
 
-__all__ = ["convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters", "MODES",
-           "INDEX_INITS"]
+__all__ = ["enable_msa_kernels", "convert_to_msa", "set_msa_mode", "msa_layers", "index_parameters",
+           "MODES", "INDEX_INITS"]
 
 INDEX_INITS = ("auto", "copy", "random")
 _UNSET = object()  # set_msa_mode: compute_kl not given (None is a value it may be set to)
@@ -146,12 +149,39 @@ def convert_to_msa(model: nn.Module, *, layers=None, first_dense_layers: int | N
     return model
 
 
-def msa_layers(model: nn.Module) -> list[MSAHFAttention]:
-    """The MSA attention modules of ``model`` in layer order."""
+def msa_layers(model: nn.Module) -> list:
+    """The MSA attention modules of ``model`` (:class:`MSAHFAttention`,
+    :class:`MSAM3Attention`) in layer order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return sorted((m for m in model.modules() if isinstance(m, MSAHFAttention)),
+    return sorted((m for m in model.modules() if isinstance(m, (MSAHFAttention, MSAM3Attention))),
                   key=lambda m: m.layer_idx)
+
+
+def enable_msa_kernels(model: nn.Module, **options) -> nn.Module:
+    """Run ``model``'s sparse attention on openmsa in place; returns ``model``.
+
+    - transformers' MiniMax-M3 (text ``MiniMaxM3VLForCausalLM`` or the VL model): every
+      ``minimax_m3_sparse`` layer's indexer and attention run through the openmsa ops
+      (:class:`MSAM3Attention`; no O(S^2) tensor, index keys in the model's own cache),
+      with the model's selection and outputs; full-attention layers stay as they are.
+      Options: ``mode="sparse"`` (or "dense", the warmup), ``compute_kl=None``,
+      ``backend="auto"``, ``init_blocks=0``, ``index_softmax_scale=1.0`` (see
+      :class:`MSAM3Attention`). On the Triton backend (``"auto"`` with the model on a GPU)
+      a config whose block size or head dims its kernels do not take raises ``ValueError``
+      naming the config field. Calling it again changes the options of enabled layers.
+    - any other model: :func:`convert_to_msa` with ``options`` (a dense Llama/Qwen-style
+      model becomes MSA; ``mode="dense"`` by default). A model that already has converted
+      layers and no options is returned as it is.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    sites = m3_attention_sites(model)
+    if sites:
+        return enable_minimax_m3(model, sites, **options)
+    if not options and any(isinstance(m, MSAHFAttention) for m in model.modules()):
+        return model
+    return convert_to_msa(model, **options)
 
 
 def set_msa_mode(model: nn.Module, mode: str, *, compute_kl=_UNSET) -> nn.Module:

@@ -4,11 +4,13 @@ One program per (query tile, KV group g): BLOCK_M consecutive query rows of ONE
 sequence. The program
 
 1. loads the qi tile [BLOCK_M, Di] once;
-2. streams the key blocks c < l(last row of the tile) of the sequence: z = qi @ ki_c^T
-   (fp32 accumulation), block max per row (NaN-propagating), times scale, and keeps a
-   streaming per-row Top-(K-1) of the candidate blocks (c < l(row)) in registers;
+2. streams the candidate key blocks INIT <= c < l - LOCAL + 1 of the tile's last row:
+   z = qi @ ki_c^T (fp32 accumulation), block max per row (NaN-propagating), times scale,
+   and keeps a streaming per-row Top-(K-INIT-LOCAL) of the row's candidates
+   (INIT <= c < l(row) - LOCAL + 1) in registers;
 3. writes the row: the selected blocks (sorted by (score desc, id asc) when
-   DETERMINISTIC), the local block l, then -1 padding;
+   DETERMINISTIC), the forced blocks in ascending order (init blocks 0..INIT-1 and the
+   LOCAL blocks ending at l, those <= l; by default only l), then -1 padding;
 4. computes index_lse over the selected visible tokens by a second, short pass over the
    union of the blocks selected by the tile's rows, walked in increasing id order (a
    merge of the rows' lists): one tensor-core dot per union block, online logsumexp per
@@ -20,8 +22,8 @@ The block max propagates NaN (``openmsa.ops.utils.topk.block_max``).
 
 Exactness of the ranking
 ------------------------
-* Candidate blocks c < l(row) are full and wholly visible (c*B + B - 1 < l*B <= p), so
-  the long pass needs no causal or length mask.
+* Candidate blocks c < l(row) - LOCAL + 1 <= l(row) are full and wholly visible
+  (c*B + B - 1 < l*B <= p), so the long pass needs no causal or length mask.
 * z is scaled AFTER the dot and rounding is monotone, so fl(max_j(dot_j) * s) equals
   max_j fl(dot_j * s), the reference's block score, bit for bit: equal dot products
   tie exactly.
@@ -51,6 +53,15 @@ _BIG = tl.constexpr(2147483647)  # "no block" in the LSE pass
 
 
 @triton.jit
+def _next_forced(after, n_init, lo_local, local, row_ok):
+    """Per row, the smallest forced block (in [0, n_init) or [lo_local, local]) > after."""
+    f1 = after + 1
+    f_local = tl.maximum(f1, lo_local)
+    nxt = tl.where(f1 < n_init, f1, tl.where(f_local <= local, f_local, _BIG))
+    return tl.where(row_ok, nxt, _BIG)
+
+
+@triton.jit
 def _indexer_topk_kernel(
     QI, KI, CU_Q, CU_K, TILE_END,
     TOPK_OUT, LSE_OUT, PAGE_TABLE,
@@ -62,9 +73,9 @@ def _indexer_topk_kernel(
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
 ):
-    NSEL: tl.constexpr = TOPK - 1
+    NSEL: tl.constexpr = TOPK - INIT_BLOCKS - LOCAL_BLOCKS  # ranked slots
 
     pid = tl.program_id(0)
     g = pid % hkv
@@ -95,6 +106,11 @@ def _indexer_topk_kernel(
     row_ok = offs_m < seq_q
     pos = seq_k - seq_q + offs_m  # causal position p(i)
     local = pos // BLOCK  # l(i)
+    # forced blocks [0, n_init) and [lo_local, local]; candidates [INIT_BLOCKS, cand_end)
+    cand_end = local - (LOCAL_BLOCKS - 1)
+    lo_local = tl.maximum(cand_end, 0)
+    n_init = tl.minimum(lo_local, INIT_BLOCKS)
+    n_forced = n_init + local + 1 - lo_local
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK)
 
@@ -109,12 +125,12 @@ def _indexer_topk_kernel(
 
     # ---------------------------------------------------------------- long pass
     col = tl.arange(0, KPAD)
-    n_sel = tl.minimum(local, NSEL)  # earlier blocks kept per row
+    n_sel = tl.minimum(tl.maximum(cand_end - INIT_BLOCKS, 0), NSEL)  # ranked blocks kept per row
     if NSEL > 0:
         keys, kmin = empty_topk(BLOCK_M, KPAD, NSEL)
         last = tl.minimum(j * BLOCK_M + BLOCK_M, seq_q) - 1
-        n_blocks = (seq_k - seq_q + last) // BLOCK  # blocks before the last row's l
-        for c in range(0, n_blocks):
+        n_blocks = (seq_k - seq_q + last) // BLOCK - (LOCAL_BLOCKS - 1)  # the last row's cand_end
+        for c in range(INIT_BLOCKS, n_blocks):
             if PAGED:
                 page = tl.load(pt_row + c).to(tl.int64)
                 k_blk = tl.load(KI + page * stride_kp + offs_n[:, None] * stride_kt + offs_d[None, :])
@@ -124,7 +140,7 @@ def _indexer_topk_kernel(
             z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
             # == max of (z * scale), exactly (rounding is monotone)
             score = block_max(z, 1, NAN_MAX_REDUCE) * scale
-            keys, kmin = topk_insert(keys, kmin, score_key(score, c), c < local)
+            keys, kmin = topk_insert(keys, kmin, score_key(score, c), c < cand_end)
         if DETERMINISTIC:
             keys = sorted_topk(keys, NSEL, KPAD)
         sel = key_block_id(keys)
@@ -134,9 +150,11 @@ def _indexer_topk_kernel(
         sel = tl.where(sel_ok, sel, _BIG)
     else:
         out_rows = (q_start + offs_m).to(tl.int64) * stride_it + g.to(tl.int64) * stride_ih
-    # local block at column n_sel, -1 after it
+    # forced blocks from column n_sel, -1 after them
     ocol = tl.arange(0, KOUT)
-    tail = tl.where(ocol[None, :] == n_sel[:, None], local[:, None], -1)
+    f = ocol[None, :] - n_sel[:, None]
+    forced = tl.where(f < n_init[:, None], f, lo_local[:, None] + f - n_init[:, None])
+    tail = tl.where(f < n_forced[:, None], forced, -1)
     tl.store(TOPK_OUT + out_rows[:, None] + ocol[None, :], tail.to(tl.int32),
              mask=row_ok[:, None] & (ocol[None, :] >= n_sel[:, None]) & (ocol[None, :] < TOPK))
 
@@ -145,11 +163,11 @@ def _indexer_topk_kernel(
         # Walk the union of the tile's selected blocks in increasing id order (a merge of the
         # rows' lists); each row accumulates an online logsumexp (base 2) over the visible
         # tokens of its own blocks.
-        local_ok = tl.where(row_ok, local, _BIG)
+        forced_nxt = _next_forced(-1, n_init, lo_local, local, row_ok)
         if NSEL > 0:
-            nxt_row = tl.minimum(tl.min(sel, axis=1), local_ok)
+            nxt_row = tl.minimum(tl.min(sel, axis=1), forced_nxt)
         else:
-            nxt_row = local_ok
+            nxt_row = forced_nxt
         nxt = tl.min(nxt_row, axis=0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -170,11 +188,11 @@ def _indexer_topk_kernel(
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
             m_i = m_new
             # next block of every row after nxt
+            forced_nxt = _next_forced(nxt, n_init, lo_local, local, row_ok)
             if NSEL > 0:
-                nxt_row = tl.minimum(tl.min(tl.where(sel > nxt, sel, _BIG), axis=1),
-                                     tl.where(local_ok > nxt, local_ok, _BIG))
+                nxt_row = tl.minimum(tl.min(tl.where(sel > nxt, sel, _BIG), axis=1), forced_nxt)
             else:
-                nxt_row = tl.where(local_ok > nxt, local_ok, _BIG)
+                nxt_row = forced_nxt
             nxt = tl.min(nxt_row, axis=0)
         lse = (m_i + tl.log2(tl.where(row_ok, l_i, 1.0))) * LN2
         tl.store(LSE_OUT + g.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)

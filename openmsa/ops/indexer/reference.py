@@ -1,9 +1,11 @@
 """PyTorch reference of the Index Branch (docs/spec.md section 4).
 
 For each sequence and chunk of its queries: index scores z = scale_i * <qi, ki>
-(float32 accumulation), causal block max, exp-free Top-(K-1) of the earlier blocks
-(ties to the smaller block id, NaN below every number), the local block appended,
--1 padding, and the logsumexp of z over the selected visible tokens.
+(float32 accumulation), causal block max, exp-free Top-(K-F) of the candidate blocks
+(ties to the smaller block id, NaN below every number), the F forced blocks appended in
+ascending order (init blocks 0..I-1 and the L local blocks ending at the query's own
+block; I = 0, L = 1 by default, so F = 1: the local block), -1 padding, and the
+logsumexp of z over the selected visible tokens.
 
 Memory per chunk is O(rows x Lk); rows are chosen so that a chunk stays within
 ``openmsa.ops.utils.reference.chunk_bytes()``. Output is always in deterministic order (score descending,
@@ -30,8 +32,9 @@ def _rank_blocks(block_score: torch.Tensor, candidate: torch.Tensor) -> torch.Te
 
 
 def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple, *, block_size: int, topk: int,
-                           scale: float):
-    """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; cu_q/cu_k host tuples.
+                           scale: float, init_blocks: int = 0, local_blocks: int = 1):
+    """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; cu_q/cu_k host tuples;
+    init_blocks + local_blocks <= topk.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
     """
@@ -61,14 +64,23 @@ def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple, *, block_size: int,
             block_score = padded.view(hkv, r1 - r0, num_blocks, block_size).amax(-1)
 
             local = pos // block_size  # [R]
-            candidate = (block_ids[None, :] < local[:, None]).expand_as(block_score)
+            # forced blocks [0, n_init) and [lo_local, local]; candidates [I, cand_end)
+            cand_end = local - (local_blocks - 1)
+            lo_local = cand_end.clamp(min=0)
+            n_init = lo_local.clamp(max=init_blocks)
+            n_forced = n_init + local + 1 - lo_local
+            candidate = ((block_ids[None, :] >= init_blocks)
+                         & (block_ids[None, :] < cand_end[:, None])).expand_as(block_score)
             order = _rank_blocks(block_score, candidate)
-            n_sel = local.clamp(max=topk - 1)  # how many earlier blocks are kept
-            width = min(topk - 1, num_blocks)
+            nsel = topk - init_blocks - local_blocks  # ranked slots
+            n_sel = (cand_end - init_blocks).clamp(min=0, max=nsel)  # how many are kept
+            width = min(nsel, num_blocks)
             chosen = torch.full((hkv, r1 - r0, topk), -1, dtype=torch.long, device=device)
             chosen[..., :width] = order[..., :width]
+            f = slots[None, :] - n_sel[:, None]  # index among the forced blocks
+            forced = torch.where(f < n_init[:, None], f, lo_local[:, None] + f - n_init[:, None])
             row = torch.where(slots < n_sel[:, None], chosen,
-                              torch.where(slots == n_sel[:, None], local[:, None], -1))
+                              torch.where(f < n_forced[:, None], forced, -1))
             topk_indices[:, q0 + r0:q0 + r1] = row.to(torch.int32)
 
             # Selected LSE over T(t, g): tokens of chosen blocks that are visible.

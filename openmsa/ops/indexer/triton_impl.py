@@ -24,11 +24,12 @@ from .lse import index_lse_kv_outer
 NAN_MAX_REDUCE: bool | None = None
 
 
-def config(di: int, dtype: torch.dtype, topk: int, device=None):
-    """(BLOCK_M, num_warps, num_stages) of one launch (``configs.Indexer``)."""
+def config(di: int, dtype: torch.dtype, nsel: int, device=None):
+    """(BLOCK_M, num_warps, num_stages) of one launch with ``nsel`` ranked slots per row
+    (``configs.Indexer``)."""
     cfg = launch_config("indexer", device)
     block_m, num_warps, num_stages = cfg.float32_tile if dtype == torch.float32 else cfg.tiles[di]
-    if topk - 1 > 32:
+    if nsel > 32:
         block_m = min(block_m, cfg.large_topk_rows)
     return block_m, num_warps, num_stages
 
@@ -46,7 +47,8 @@ def _interpreting() -> bool:
 
 
 def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: float,
-                        deterministic: bool, page_table=None, out=None, with_lse: bool = True):
+                        deterministic: bool, page_table=None, out=None, with_lse: bool = True,
+                        init_blocks: int = 0, local_blocks: int = 1):
     """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; varlen: openmsa._validation.Varlen.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
@@ -54,7 +56,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     Serving (``openmsa.serving``): with ``page_table`` int32 [batch, max_pages], ki is the
     page pool [num_pages, block_size, Di] and varlen.cu_seqlens_k only gives each
     sequence's key count; ``out`` is a preallocated topk_indices buffer;
-    ``with_lse=False`` skips the selected LSE (index_lse is then None).
+    ``with_lse=False`` skips the selected LSE (index_lse is then None). ``init_blocks``,
+    ``local_blocks``: the forced blocks (docs/spec.md section 4; at most topk together).
     """
     check_kernel_shapes("indexer_topk", "indexer", block_size=block_size, qi=qi, topk=topk)
     total_q, hkv, di = qi.shape
@@ -71,7 +74,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         ki = ki.contiguous()
     paged = page_table is not None
 
-    block_m, num_warps, num_stages = config(di, qi.dtype, topk, device)
+    nsel = topk - init_blocks - local_blocks  # ranked slots per row
+    block_m, num_warps, num_stages = config(di, qi.dtype, nsel, device)
     mode = lse_mode(ki.shape[0], varlen.num_seqs, device) if with_lse else None
     if paged and mode == "kv_outer":
         mode = "union"  # the KV-outer LSE pass reads packed keys
@@ -80,7 +84,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
     max_tiles = triton.cdiv(total_q, block_m) + num_seqs  # >= sum of cdiv(Lq_b, BLOCK_M)
-    kpad = max(2, triton.next_power_of_2(max(topk - 1, 1)))
+    kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
     _indexer_topk_kernel[grid](
         qi, ki, cu_q, cu_k, tile_end, topk_indices, index_lse if with_lse else topk_indices,
@@ -94,7 +98,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         SEARCH_ITERS=num_seqs.bit_length(), DETERMINISTIC=deterministic,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
-        COMPUTE_LSE=mode == "union", PAGED=paged,
+        COMPUTE_LSE=mode == "union", PAGED=paged, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         num_warps=num_warps, num_stages=num_stages,
     )
     if mode == "kv_outer":
