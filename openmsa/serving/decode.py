@@ -42,14 +42,14 @@ import triton
 
 from .. import _backend
 from ..ops.utils.configs import launch_config
+from ..ops.utils.tiles import LOG2E
 from .checks import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
-_KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
-            "decode_attention_split_kernel", "decode_attention_merge_kernel")
+_KERNELS = ("decode_topk_split_kernel", "decode_attention_split_kernel")
 FP8 = torch.float8_e4m3fn
 _MAX_INDEX_SPLITS = 1024  # an explicit index_splits may go this far
 _DEFAULT_MAX_INDEX_SPLITS = 256  # the default's cap (more was slower at batch 1 / 1M on the H100)
-_MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
+_MERGE_GROUP = 16  # above this many index splits, groups of 16 are merged first, in parallel
 
 
 def _kernels(device: torch.device) -> dict:
@@ -127,6 +127,11 @@ class MSADecodeWrapper:
                      cand=torch.empty((batch * idx_splits * rows * kpad,), dtype=torch.int64, device=device),
                      cand2=torch.empty((batch * -(-idx_splits // _MERGE_GROUP) * rows * kpad,),
                                        dtype=torch.int64, device=device),
+                     # arrival counts of the fused merges (the kernels reset them to 0)
+                     counts=torch.zeros(batch * (-(-idx_splits // _MERGE_GROUP) + 1), dtype=torch.int32,
+                                        device=device),
+                     attn_counts=torch.zeros(total_q * hkv if attn_splits > 1 else 1, dtype=torch.int32,
+                                             device=device),
                      topk=torch.empty((hkv, total_q, self.topk), dtype=torch.int32, device=device),
                      out=torch.empty((total_q, self.num_heads, self.head_dim), dtype=dtype, device=device),
                      lse=torch.empty((total_q, self.num_heads), dtype=torch.float32, device=device),
@@ -272,33 +277,26 @@ class MSADecodeWrapper:
         kern = _kernels(p["device"])
         hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
         scan = p["scan"]
+        if nsplit > _MERGE_GROUP:
+            group, ngroups = _MERGE_GROUP, -(-nsplit // _MERGE_GROUP)
+        else:
+            group, ngroups = triton.next_power_of_2(nsplit), 1
+        groups_pad = triton.next_power_of_2(ngroups)
         kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
-            qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["pages_per_split"],
-            ki_scale if ki_scale is not None else p["pages_per_split"],
+            qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["cand2"], p["counts"],
+            topk_idx, p["pages_per_split"], ki_scale if ki_scale is not None else p["pages_per_split"],
             self.index_softmax_scale, nsplit, ki_cache.shape[0],
             qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
-            ki_scale.stride(0) if ki_scale is not None else 0,
+            ki_scale.stride(0) if ki_scale is not None else 0, topk_idx.stride(0), topk_idx.stride(1),
             HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, PAGES=scan["pages_fp8" if ki_scale is not None else "pages"],
+            TOPK=topk, KPAD=kpad, KOUT=triton.next_power_of_2(topk),
+            PAGES=scan["pages_fp8" if ki_scale is not None else "pages"],
+            GROUP=group, LOG2_GROUP=group.bit_length() - 1, NUM_GROUPS=ngroups,
+            GROUPS_PAD=groups_pad, LOG2_GROUPS=groups_pad.bit_length() - 1, RCHUNK=min(p["rows"], 16),
             DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
             NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
             INIT_BLOCKS=self.init_blocks, LOCAL_BLOCKS=self.local_blocks,
             num_warps=scan["warps"], num_stages=scan["stages"])
-        cand, nlists = p["cand"], nsplit
-        if nsplit > _MERGE_GROUP:
-            ngroups = -(-nsplit // _MERGE_GROUP)
-            kern["decode_topk_reduce_kernel"][(p["batch"], p["rows"], ngroups)](
-                cand, p["cand2"], p["cu_q"], nsplit, ngroups,
-                HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], TOPK=topk, KPAD=kpad,
-                GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1,
-                NSEL=topk - self.init_blocks - self.local_blocks, num_warps=4)
-            cand, nlists = p["cand2"], ngroups
-        npad = triton.next_power_of_2(nlists)
-        kern["decode_topk_merge_kernel"][(p["batch"], p["rows"])](
-            cand, p["cu_q"], p["kv_lens"], topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
-            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, TOPK=topk, KPAD=kpad,
-            KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1,
-            INIT_BLOCKS=self.init_blocks, LOCAL_BLOCKS=self.local_blocks, num_warps=4)
         return topk_idx
 
     def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):
@@ -310,24 +308,20 @@ class MSADecodeWrapper:
         kern = _kernels(p["device"])
         hkv, g, g_pad = self.num_kv_heads, self.num_heads // self.num_kv_heads, p["g_pad"]
         bs, topk, asplit = self.block_size, self.topk, p["attn_splits"]
+        nsp = triton.next_power_of_2(asplit)
         kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
             q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
-            out, lse, p["part_o"], p["part_lse"],
-            self.softmax_scale * k_scale * 1.4426950408889634, float(v_scale), -(-topk // asplit), asplit, hkv,
+            out, lse, p["part_o"], p["part_lse"], p["attn_counts"],
+            self.softmax_scale * k_scale * LOG2E.value, float(v_scale), -(-topk // asplit), asplit, hkv,
             min(k_cache.shape[0], v_cache.shape[0]),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             topk_idx.stride(0), topk_idx.stride(1), p["page_table"].stride(0),
             out.stride(0), out.stride(1), lse.stride(0),
             G=g, G_PAD=g_pad, BLOCK=bs, D=self.head_dim, TOPK=topk,
-            KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, IEEE=q.dtype == torch.float32,
-            KV_FP8=k_cache.dtype == FP8,
+            KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, NSPLIT_PAD=nsp,
+            # the combine's [nsp, HC, D] tile: ~32 floats a thread
+            HC=max(1, min(g_pad, 4096 // (nsp * self.head_dim))),
+            IEEE=q.dtype == torch.float32, KV_FP8=k_cache.dtype == FP8,
             num_warps=4, num_stages=2)
-        if asplit > 1:
-            nsp = triton.next_power_of_2(asplit)
-            hc = max(1, min(g_pad, 4096 // (nsp * self.head_dim)))  # a [nsp, hc, D] tile: ~32 floats a thread
-            kern["decode_attention_merge_kernel"][(total_q, hkv, g_pad // hc)](
-                p["part_o"], p["part_lse"], out, lse, asplit, hkv,
-                out.stride(0), out.stride(1), lse.stride(0),
-                G=g, G_PAD=g_pad, HC=hc, D=self.head_dim, NSPLIT_PAD=nsp, num_warps=4)
         return out, lse
