@@ -123,11 +123,14 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         host = _through_host(ctx.group) and grad.is_cuda
-        src = (grad.cpu() if host else grad).contiguous()
+        # half-precision partial sums are added in float32: a bf16 ring reduction would
+        # round W - 1 times (twice the bytes of the forward's gather)
+        src = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        src = (src.cpu() if host else src).contiguous()
         out = src.new_empty((src.shape[0] // ctx.world_size,) + tuple(src.shape[1:]))
         reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         reduce_scatter(out, src, op=dist.ReduceOp.SUM, group=ctx.group)
-        return (out.to(grad.device) if host else out), None, None
+        return out.to(grad.device, grad.dtype), None, None
 
 
 def _gather_keys(plan: CPPlan, group, tensors):
