@@ -101,3 +101,19 @@ def test_gpu_context_parallel_equals_single_process(tmp_path):
         wait_ranks(procs)
     want = {n: v.cpu() for n, v in want.items()}
     check_op(load(tmp_path, "op:gpu", 2), want, cp_cases.global_inputs("gpu", "cpu")[1])
+
+
+def test_clear_errors_without_ranks():
+    import openmsa
+    from openmsa.distributed import msa_attention_cp
+
+    layer = openmsa.MSAttention(32, 4, 2, index_head_dim=8, block_size=16, topk=2,
+                                process_group=object())
+    with pytest.raises(ValueError, match="packed shard"):
+        layer(torch.randn(1, 10, 32))  # batched x
+    with pytest.raises(ValueError, match="packed shard"):
+        layer(torch.randn(10, 32))  # no cu_seqlens
+    x = torch.randn(10, 2, 8)
+    if not torch.distributed.is_initialized():
+        with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+            msa_attention_cp(x, x, x, x, x[:, :1], torch.tensor([0, 10], dtype=torch.int32))
