@@ -153,14 +153,20 @@ class Varlen:
     ``cu_seqlens_q``/``cu_seqlens_k`` are int32 tensors on the inputs' device: the
     caller's, or their sanitised copies where the values were not checked. The host
     lists are ``None`` when the values were not read, so that no synchronisation happens.
+    In the fragment form (docs/spec.md section 3) ``cu_seqlens_k`` is None and every query
+    sequence names its key range: int32 ``kv_start``, ``kv_len`` [num_seqs] on the device,
+    ``kv_ranges`` = (starts, lens) host tuples once read.
     """
 
     cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
+    cu_seqlens_k: torch.Tensor | None
     total_q: int
     total_k: int
     cu_q: tuple | None = None
     cu_k: tuple | None = None
+    kv_start: torch.Tensor | None = None
+    kv_len: torch.Tensor | None = None
+    kv_ranges: tuple | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -170,6 +176,10 @@ class Varlen:
         """Return a Varlen whose host lists are filled (may synchronise)."""
         if self.cu_q is not None:
             return self
+        if self.kv_start is not None:
+            ranges = (tuple(self.kv_start.tolist()), tuple(self.kv_len.tolist()))
+            return Varlen(self.cu_seqlens_q, None, self.total_q, self.total_k,
+                          tuple(self.cu_seqlens_q.tolist()), None, self.kv_start, self.kv_len, ranges)
         return Varlen(
             self.cu_seqlens_q, self.cu_seqlens_k, self.total_q, self.total_k,
             tuple(self.cu_seqlens_q.tolist()), tuple(self.cu_seqlens_k.tolist()),
@@ -192,8 +202,12 @@ def _check_cu_values(name: str, values: tuple, total: int, total_name: str) -> N
 
 
 def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
-                 device: torch.device, read_values: bool) -> Varlen:
-    """Check the cu_seqlens pair; ``read_values``: the caller needs the host lists."""
+                 device: torch.device, read_values: bool, kv_start=None, kv_len=None) -> Varlen:
+    """Check the cu_seqlens pair; ``read_values``: the caller needs the host lists.
+    ``kv_start``/``kv_len``: the fragment form (``cu_seqlens_k`` None), see check_fragments."""
+    if kv_start is not None or kv_len is not None:
+        return check_fragments(cu_seqlens_q, kv_start, kv_len, total_q, total_k, device,
+                               read_values)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, cu, 1, "[num_seqs + 1] int32")
         if cu.dtype != torch.int32:
@@ -252,21 +266,29 @@ def _may_read_device_values() -> bool:
 _CHECKED_ATTR = "_openmsa_checked_cu_seqlens"
 
 
+def _partners(varlen: Varlen) -> tuple:
+    """The tensors checked together with cu_seqlens_q."""
+    if varlen.kv_start is not None:
+        return (varlen.kv_start, varlen.kv_len)
+    return (varlen.cu_seqlens_k,)
+
+
 def _check_key(varlen: Varlen) -> tuple:
-    q, k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
-    return (q._version, k._version, varlen.total_q, varlen.total_k)
+    versions = tuple(t._version for t in (varlen.cu_seqlens_q, *_partners(varlen)))
+    return (*versions, varlen.total_q, varlen.total_k)
 
 
 def _already_checked(varlen: Varlen) -> bool:
     mark = getattr(varlen.cu_seqlens_q, _CHECKED_ATTR, None)
-    return (mark is not None and mark[0]() is varlen.cu_seqlens_k
+    return (mark is not None and len(mark[0]) == len(_partners(varlen))
+            and all(r() is t for r, t in zip(mark[0], _partners(varlen)))
             and mark[1] == _check_key(varlen))
 
 
 def _remember_checked(varlen: Varlen) -> None:
     try:
         setattr(varlen.cu_seqlens_q, _CHECKED_ATTR,
-                (weakref.ref(varlen.cu_seqlens_k), _check_key(varlen)))
+                (tuple(weakref.ref(t) for t in _partners(varlen)), _check_key(varlen)))
     except (AttributeError, TypeError):  # tensor subclasses without a __dict__: check again
         pass
 
@@ -360,3 +382,98 @@ def check_lse(name: str, lse, shape: tuple, device) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)} {layout}, got {tuple(lse.shape)}")
     if lse.device != device:
         raise ValueError(f"{name} must be on {device} like the inputs, got {lse.device}")
+
+
+def check_fragments(cu_seqlens_q, kv_start, kv_len, total_q: int, total_k: int,
+                    device: torch.device, read_values: bool) -> Varlen:
+    """The fragment form of docs/spec.md section 3: query sequence b has the query rows
+    [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and the key rows [kv_start[b], kv_start[b] +
+    kv_len[b]) of the packed keys, its queries the last Lq positions of that range. Two
+    non-empty key ranges are disjoint or start at the same row (prefixes of one key
+    sequence, e.g. fragments of one sequence). Values are read on the host like those of
+    cu_seqlens (check_varlen), else sanitised on the device."""
+    if kv_start is None or kv_len is None:
+        raise ValueError("kv_start and kv_len must be given together (the fragment form)")
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[num_seqs + 1] int32")
+    if cu_seqlens_q.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
+    if cu_seqlens_q.numel() < 1:
+        raise ValueError("cu_seqlens_q must have at least one entry (the leading 0)")
+    if cu_seqlens_q.device != device:
+        raise ValueError(f"cu_seqlens_q must be on {device} like the inputs, got {cu_seqlens_q.device}")
+    nseq = cu_seqlens_q.numel() - 1
+    for name, t in (("kv_start", kv_start), ("kv_len", kv_len)):
+        check_tensor(name, t, 1, "[num_seqs] int32 (one key range per query sequence)")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.numel() != nseq:
+            raise ValueError(f"{name} must have num_seqs = {nseq} entries (cu_seqlens_q has "
+                             f"{nseq + 1}), got {t.numel()}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} like the inputs, got {t.device}")
+    if nseq == 0 and total_q:
+        raise ValueError(f"cu_seqlens_q describes no sequence, but there are {total_q} query rows")
+    if total_q > total_k:  # a host fact: the fallback layout below needs it
+        raise ValueError(f"kv_start/kv_len: total_q = {total_q} query rows but only total_k = "
+                         f"{total_k} key rows; the fragment form needs total_q <= total_k")
+    varlen = Varlen(cu_seqlens_q, None, total_q, total_k, kv_start=kv_start, kv_len=kv_len)
+    if read_values or device.type == "cpu":
+        return _check_fragment_values(varlen)
+    if not _may_read_device_values():
+        cu_q, starts, lens = _sanitized_fragments(cu_seqlens_q, kv_start, kv_len, total_q, total_k)
+        return Varlen(cu_q, None, total_q, total_k, kv_start=starts, kv_len=lens)
+    if not _already_checked(varlen):
+        _check_fragment_values(varlen)
+        _remember_checked(varlen)
+    return varlen
+
+
+def _check_fragment_values(varlen: Varlen) -> Varlen:
+    varlen = varlen.host()
+    cu_q, (starts, lens) = varlen.cu_q, varlen.kv_ranges
+    _check_cu_values("cu_seqlens_q", cu_q, varlen.total_q, "total_q (q.shape[0])")
+    for b, (s, n) in enumerate(zip(starts, lens)):
+        lq = cu_q[b + 1] - cu_q[b]
+        if s < 0 or n < 0 or s + n > varlen.total_k:
+            raise ValueError(f"kv_start/kv_len: sequence {b} has the key range [{s}, {s + n}), "
+                             f"which must lie in [0, total_k = {varlen.total_k})")
+        if lq > n:
+            raise ValueError(f"kv_len: sequence {b} has Lq = {lq} > kv_len = {n}; queries must "
+                             f"be the last Lq positions of their key range (Lq <= kv_len)")
+    ends = {}  # start -> end of the longest non-empty range starting there
+    for s, n in zip(starts, lens):
+        if n > 0:
+            ends[s] = max(ends.get(s, s), s + n)
+    prev = None
+    for s in sorted(ends):
+        if prev is not None and s < ends[prev]:
+            raise ValueError(f"kv_start/kv_len: the key ranges [{prev}, {ends[prev]}) and "
+                             f"[{s}, ...) overlap without starting at the same row; ranges must "
+                             f"be disjoint or prefixes of one key sequence (the same kv_start)")
+        prev = s
+    return varlen
+
+
+def _sanitized_fragments(cu_q, kv_start, kv_len, total_q: int, total_k: int):
+    """Device-side (cu_q, kv_start, kv_len) that are a valid fragment layout: the
+    tensors' own values when they are valid, else one sequence holding every query row
+    over all keys (valid since total_q <= total_k). Torch ops only, like _sanitized_cu."""
+    lq = cu_q.diff()
+    s, n = kv_start.long(), kv_len.long()
+    ok = ((cu_q[0] == 0) & (cu_q[-1] == total_q) & (lq >= 0).all() & (s >= 0).all()
+          & (n >= lq).all() & (n >= 0).all() & (s + n <= total_k).all())
+    # A non-empty range must start at or after the end of every range with a smaller start.
+    ss, order = torch.sort(s, stable=True)
+    ns = n[order]
+    es = torch.where(ns > 0, ss + ns, ss)
+    idx = torch.arange(ss.numel(), device=ss.device)
+    new = torch.cat([idx[:1] == 0, ss[1:] != ss[:-1]])
+    first = torch.cummax(torch.where(new, idx, 0), 0).values if ss.numel() else idx
+    prev_end = torch.cummax(es, 0).values if ss.numel() else es
+    prev_end = torch.where(first > 0, prev_end[(first - 1).clamp_min(0)], ss)
+    ok = ok & ((ns == 0) | (ss >= prev_end)).all()
+    ends = torch.arange(cu_q.numel(), device=cu_q.device, dtype=cu_q.dtype).clamp_max(1)
+    first_only = 1 - ends[:-1] if kv_len.numel() else kv_len
+    return (torch.where(ok, cu_q, ends * total_q),
+            torch.where(ok, kv_start, torch.zeros_like(kv_start)),
+            torch.where(ok, kv_len, first_only.to(kv_len.dtype) * total_k))

@@ -9,6 +9,10 @@ Batched shapes of the other tensors are the packed ones with ``total_q`` split i
 ``[batch, seqlen_q]`` in place (free views):
 ``topk_indices [Hkv, batch, Lq, K]``, ``index_lse [Hkv, batch, Lq]``, ``lse [batch, Lq, Hq]``.
 
+Query fragments over a shared KV (the fragment form of docs/spec.md section 3): pass
+``kv_start``/``kv_len`` (int32 ``[num_seqs]``, the key range of every query sequence) with
+``cu_seqlens_q`` and ``cu_seqlens_k=None``; several query sequences may use keys of one range.
+
 All arguments are validated before any work (``_validation``); bad input raises
 ValueError/TypeError naming the argument. No input is modified.
 """
@@ -33,11 +37,17 @@ class _Batch:
         self.batch, self.seqlen_q = batch, seqlen_q
 
 
-def _packed(q_side, k_side, cu_seqlens_q, cu_seqlens_k):
+def _packed(q_side, k_side, cu_seqlens_q, cu_seqlens_k, fragments=False):
     """Validate the layout choice; return packed tensors, cu_seqlens and a _Batch or None.
 
     q_side/k_side: lists of (name, tensor) indexed by query rows / key rows.
+    fragments: kv_start/kv_len were given (the fragment form, always packed).
     """
+    if fragments:
+        if cu_seqlens_q is None or cu_seqlens_k is not None:
+            raise ValueError("kv_start/kv_len (the fragment form) take packed 3-D inputs with "
+                             "cu_seqlens_q and cu_seqlens_k=None: the key ranges replace cu_seqlens_k")
+        return [t for _, t in q_side], [t for _, t in k_side], cu_seqlens_q, None, None
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (or both None "
                          "for batched [batch, seqlen, heads, dim] inputs)")
@@ -83,7 +93,7 @@ def _unflatten_rows(t, batched: _Batch | None, row_dim: int):
 
 def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128, topk=16,
                  softmax_scale=None, deterministic=False, backend="auto", init_blocks=0,
-                 local_blocks=1):
+                 local_blocks=1, kv_start=None, kv_len=None):
     """Index Branch (docs/spec.md section 4): exp-free Top-k key blocks per query and KV group.
 
     Args:
@@ -96,6 +106,7 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
         init_blocks, local_blocks: forced blocks (docs/spec.md section 4), taken before any
             ranked one: blocks ``0 .. init_blocks-1`` and the ``local_blocks`` blocks ending
             at the query's own block, where visible; ``init_blocks + local_blocks <= topk``.
+        kv_start, kv_len: int32 ``[num_seqs]``, the fragment form (module docstring).
     Returns:
         ``topk_indices`` int32 ``[Hkv, total_q, topk]``: the selected earlier blocks, then
         the forced blocks in ascending order (the local block last), then -1 padding.
@@ -108,17 +119,19 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
     init_blocks, local_blocks = V.check_forced_blocks(init_blocks, local_blocks, topk)
     forced = dict(init_blocks=init_blocks, local_blocks=local_blocks)
     V.check_bool("deterministic", deterministic)
-    (qi,), (ki,), cu_q, cu_k, batched = _packed([("qi", qi)], [("ki", ki)], cu_seqlens_q, cu_seqlens_k)
+    (qi,), (ki,), cu_q, cu_k, batched = _packed([("qi", qi)], [("ki", ki)], cu_seqlens_q, cu_seqlens_k,
+                                                 kv_start is not None or kv_len is not None)
     V.check_index_qk(qi, ki)
     scale = V.check_scale("softmax_scale", softmax_scale, qi.shape[2] ** -0.5)
     impl = resolve("indexer_topk", backend, qi.device)
     varlen = V.check_varlen(cu_q, cu_k, qi.shape[0], ki.shape[0], qi.device,
-                            read_values=impl == "reference")
+                            read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
     with torch.no_grad():
         if impl == "reference":
             varlen = varlen.host()
             idx, lse = indexer_topk_reference(qi, ki, varlen.cu_q, varlen.cu_k,
-                                              block_size=block_size, topk=topk, scale=scale, **forced)
+                                              block_size=block_size, topk=topk, scale=scale,
+                                              kv_ranges=varlen.kv_ranges, **forced)
         else:
             idx, lse = triton_op("indexer_topk")(qi, ki, varlen, block_size=block_size,
                                                   topk=topk, scale=scale, deterministic=deterministic,
@@ -127,7 +140,8 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
 
 
 def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
-                     block_size=128, softmax_scale=None, deterministic=False, backend="auto"):
+                     block_size=128, softmax_scale=None, deterministic=False, backend="auto",
+                     kv_start=None, kv_len=None):
     """Main Branch (docs/spec.md section 5): exact attention over the selected blocks.
 
     Args:
@@ -142,6 +156,8 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
             scratch inside their partial budget (about 1/8 of the dq partials). The forward
             and dq are deterministic either way. The reference backend is deterministic on
             CPU tensors; on CUDA tensors its scatter-adds are those of ``index_add_``.
+        kv_start, kv_len: int32 ``[num_seqs]``, the fragment form (module docstring); the
+            gradients of keys that several query sequences use are summed over them.
     Returns:
         ``out`` like q (differentiable w.r.t. q, k, v) and ``lse`` float32 ``[total_q, Hq]``
         (not differentiable). A query with no selected visible token gets out = 0 and
@@ -160,7 +176,8 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
     block_size = V.check_positive_int("block_size", block_size)
     V.check_bool("deterministic", deterministic)
     (q,), (k, v), cu_q, cu_k, batched = _packed([("q", q)], [("k", k), ("v", v)],
-                                                 cu_seqlens_q, cu_seqlens_k)
+                                                 cu_seqlens_q, cu_seqlens_k,
+                                                 kv_start is not None or kv_len is not None)
     V.check_qkv(q, k, v)
     if topk_indices is not None:
         topk_indices = _flatten_rows("topk_indices", topk_indices, batched, 1)
@@ -169,11 +186,12 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
     op = "sparse_attention" if topk_indices is not None else "dense_attention"
     impl = resolve(op, backend, q.device)
     varlen = V.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], q.device,
-                            read_values=impl == "reference")
+                            read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
     if impl == "reference":
         varlen = varlen.host()
         out, lse = sparse_attention_reference(q, k, v, topk_indices, varlen.cu_q, varlen.cu_k,
-                                              block_size=block_size, scale=scale)
+                                              block_size=block_size, scale=scale,
+                                              kv_ranges=varlen.kv_ranges)
     else:
         out, lse = triton_op(op)(q, k, v, topk_indices, varlen, block_size=block_size,
                                  scale=scale, deterministic=deterministic)
@@ -182,14 +200,16 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
 
 def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None, *,
                     block_size=128, softmax_scale=None, index_softmax_scale=None, coeff=1.0,
-                    lse=None, index_lse=None, deterministic=False, backend="auto"):
+                    lse=None, index_lse=None, deterministic=False, backend="auto", kv_start=None,
+                    kv_len=None):
     """Sparse KL of docs/spec.md section 6: a scalar, differentiable w.r.t. qi and ki only.
 
     The teacher is the group-mean of the Main Branch softmax on T (q, k are detached);
     the student is the index softmax on T. ``lse`` (``[total_q, Hq]``) and ``index_lse``
     (``[Hkv, total_q]``) from ``sparse_attention`` / ``indexer_topk`` are reused when
     given, else recomputed. ``topk_indices=None`` takes T = all visible tokens (the
-    dense warmup phase of docs/spec.md section 6).
+    dense warmup phase of docs/spec.md section 6). ``kv_start``/``kv_len``: the fragment
+    form (module docstring).
 
     ``deterministic``: bitwise-repeatable gradients. The Triton kernels then sum the dki
     of a key block over programs and groups in a fixed order instead of with float
@@ -213,7 +233,8 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     coeff = V.check_finite_float("coeff", coeff)
     V.check_bool("deterministic", deterministic)
     (q, qi), (k, ki), cu_q, cu_k, batched = _packed([("q", q), ("qi", qi)], [("k", k), ("ki", ki)],
-                                                     cu_seqlens_q, cu_seqlens_k)
+                                                     cu_seqlens_q, cu_seqlens_k,
+                                                     kv_start is not None or kv_len is not None)
     V.check_qkv(q, k, k)
     V.check_index_qk(qi, ki, total_q=q.shape[0], hkv=k.shape[1])
     V.check_same("device", [("q", q), ("qi", qi)], "device")
@@ -230,14 +251,15 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     scale_i = V.check_scale("index_softmax_scale", index_softmax_scale, qi.shape[2] ** -0.5)
     impl = resolve("indexer_kl_loss", backend, q.device)
     varlen = V.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], q.device,
-                            read_values=impl == "reference")
+                            read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
     lse = None if lse is None else lse.detach()
     index_lse = None if index_lse is None else index_lse.detach()
     if impl == "reference":
         varlen = varlen.host()
         return indexer_kl_reference(q, k, qi, ki, topk_indices, varlen.cu_q, varlen.cu_k,
                                     block_size=block_size, scale=scale, scale_i=scale_i,
-                                    coeff=coeff, lse=lse, index_lse=index_lse)
+                                    coeff=coeff, lse=lse, index_lse=index_lse,
+                                    kv_ranges=varlen.kv_ranges)
     return triton_op("indexer_kl_loss")(q, k, qi, ki, topk_indices, varlen, block_size=block_size,
                                          scale=scale, scale_i=scale_i, coeff=coeff, lse=lse,
                                          index_lse=index_lse, deterministic=deterministic)
@@ -245,7 +267,7 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128,
                   topk=16, softmax_scale=None, index_softmax_scale=None, deterministic=False,
-                  backend="auto", init_blocks=0, local_blocks=1):
+                  backend="auto", init_blocks=0, local_blocks=1, kv_start=None, kv_len=None):
     """The whole MSA layer core: Index Branch -> Main Branch -> sparse KL.
 
     Returns ``(out, kl_loss, topk_indices)``: out like q (differentiable w.r.t. q, k, v),
@@ -254,11 +276,13 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     bitwise-repeatable backward of ``sparse_attention`` and ``indexer_kl_loss`` (their
     ``deterministic`` option). ``init_blocks``, ``local_blocks``: the forced blocks of
     ``indexer_topk``. Non-finite inputs: the rules of those functions.
+    ``kv_start``/``kv_len``: the fragment form (module docstring).
     """
     backend = V.check_backend(backend)
     # Validate everything up front, including what only the later stages read.
     (q_p, qi_p), (k_p, v_p, ki_p), cu_q, cu_k, batched = _packed(
-        [("q", q), ("qi", qi)], [("k", k), ("v", v), ("ki", ki)], cu_seqlens_q, cu_seqlens_k)
+        [("q", q), ("qi", qi)], [("k", k), ("v", v), ("ki", ki)], cu_seqlens_q, cu_seqlens_k,
+        kv_start is not None or kv_len is not None)
     V.check_qkv(q_p, k_p, v_p)
     V.check_index_qk(qi_p, ki_p, total_q=q_p.shape[0], hkv=k_p.shape[1])
     V.check_same("device", [("q", q_p), ("qi", qi_p)], "device")
@@ -272,11 +296,12 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     V.check_bool("deterministic", deterministic)
     stages = ("indexer_topk", "sparse_attention", "indexer_kl_loss")
     V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
-                   read_values=any(resolve(op, backend, q_p.device) == "reference" for op in stages))
+                   read_values=any(resolve(op, backend, q_p.device) == "reference" for op in stages),
+                   kv_start=kv_start, kv_len=kv_len)
     if backend == "triton":  # fail before any work if a stage has no kernels yet
         for op in stages:
             triton_op(op)
-    kw = dict(block_size=block_size, backend=backend)
+    kw = dict(block_size=block_size, backend=backend, kv_start=kv_start, kv_len=kv_len)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic,
                                   init_blocks=init_blocks, local_blocks=local_blocks, **kw)

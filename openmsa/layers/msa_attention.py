@@ -21,6 +21,7 @@ from .. import _validation as V
 from .._backend import resolve
 from ..ops.utils.shapes import all_stages_support
 from ..api import indexer_kl_loss, msa_attention, sparse_attention
+from ..distributed.cp import cp_plan, dense_attention_cp, msa_attention_cp
 from .rope import apply_rope, rope_cos_sin
 
 MODES = ("sparse", "dense")
@@ -188,6 +189,15 @@ class MSAttention(IndexBranchMixin, nn.Module):
             even and at most min(head_dim, index_head_dim).
         mode: "sparse" (MSA) or "dense" (warmup: full attention, dense KL).
         backend: passed to the openmsa ops.
+        process_group: a torch.distributed process group to run the attention
+            context-parallel over (None: no context parallelism; the attribute may be set
+            later). Then ``forward(x, cu_seqlens)`` takes this rank's zigzag shard of the
+            packed tokens, ``x [local_total, hidden]`` (``openmsa.distributed.shard``), with
+            the global int32 ``cu_seqlens`` (the same on every rank); the output is the
+            rank's shard of the output, ``kl_loss`` the rank's part of the KL (the parts sum
+            to the single-process KL) and RoPE uses the tokens' global positions. Every rank
+            must run forward and backward (``openmsa.distributed.msa_attention_cp``); the
+            parameter gradients are partial sums over the ranks' tokens, to be all-reduced.
 
     ``forward(x, cu_seqlens=None, positions=None)`` takes ``x [batch, seqlen, hidden]``
     or packed ``x [total, hidden]`` with int32 ``cu_seqlens``; returns the output like x
@@ -205,8 +215,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16,
                  qk_norm: bool = False, rotary_dim=None, rope_theta: float = 10000.0,
                  mode: str = "sparse", bias: bool = False, norm_eps: float = 1e-6,
-                 backend: str = "auto", device=None, dtype=None, init_blocks: int = 0,
-                 local_blocks: int = 1):
+                 backend: str = "auto", process_group=None, device=None, dtype=None,
+                 init_blocks: int = 0, local_blocks: int = 1):
         super().__init__()
         hidden_size = V.check_positive_int("hidden_size", hidden_size)
         num_heads = V.check_positive_int("num_heads", num_heads)
@@ -227,6 +237,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
         self.rope_theta = float(rope_theta)
         self.mode = mode  # validated by the property setter
         self.backend = V.check_backend(backend)
+        self.process_group = process_group
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
 
         kw = dict(device=device, dtype=dtype)
@@ -299,10 +310,31 @@ class MSAttention(IndexBranchMixin, nn.Module):
         return V.check_varlen(cu_seqlens, cu_seqlens, x.shape[0], x.shape[0], x.device,
                               read_values=False).cu_seqlens_q
 
+    def _cp_layout(self, x, cu_seqlens, positions):
+        """Context parallel: this rank's shard x [local_total, hidden], the global
+        cu_seqlens and the shard's positions in their sequences."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or cu_seqlens is None:
+            raise ValueError("with a process_group, x must be this rank's packed shard "
+                             "[local_total, hidden] and cu_seqlens the global int32 layout")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have hidden size {self.hidden_size}, got {x.shape[-1]}")
+        check_input_dtype("x", x, self.q_proj.weight)
+        group = self.process_group
+        plan = cp_plan(cu_seqlens, torch.distributed.get_world_size(group),
+                       torch.distributed.get_rank(group))
+        if x.shape[0] != plan.local_total:
+            raise ValueError(f"x must hold this rank's shard of cu_seqlens ({plan.local_total} "
+                             f"tokens), got {x.shape[0]} (openmsa.distributed.shard gives it)")
+        if positions is not None:
+            _, _, positions = self._layout(x, torch.tensor([0, x.shape[0]], dtype=torch.int32,
+                                                           device=x.device), positions)
+        return x, cu_seqlens, plan.positions if positions is None else positions
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         x_in = x
-        x, cu, pos = self._layout(x, cu_seqlens, positions)
+        cp = self.process_group is not None
+        x, cu, pos = (self._cp_layout if cp else self._layout)(x, cu_seqlens, positions)
         t, hq, hkv, d, di = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
         q = self.q_norm(self.q_proj(x).view(t, hq, d))
         k = self.k_norm(self.k_proj(x).view(t, hkv, d))
@@ -316,7 +348,14 @@ class MSAttention(IndexBranchMixin, nn.Module):
         if self.rotary_dim:
             cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
             q, k, qi, ki = (apply_rope(y, cos, sin) for y in (q, k, qi, ki))
-        if t == 0:
+        if cp:  # every rank runs the collectives, also one without tokens
+            kw = dict(group=self.process_group, block_size=self.block_size, backend=self.backend)
+            if self.mode == "sparse":
+                o, kl, _ = msa_attention_cp(q, k, v, qi, ki, cu, topk=self.topk, init_blocks=self.init_blocks,
+                                            local_blocks=self.local_blocks, **kw)
+            else:
+                o, kl = dense_attention_cp(q, k, v, qi, ki, cu, **kw)
+        elif t == 0:
             # no tokens (batch 0, seqlen 0 or an empty pack): no op runs. The output is empty
             # and the KL a zero in the ops' KL dtype, both still in the graph of the
             # projections (sums over empty tensors are exact zeros) so that backward runs and

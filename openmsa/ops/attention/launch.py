@@ -60,7 +60,8 @@ def sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale, *
     lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device) if lse is None else lse
     if total_q == 0:
         return out, lse
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size,
+                    varlen.kv_start, varlen.kv_len)
     if paged:
         info.num_blocks_bound = num_blocks_bound
     chunk = rows_per_chunk(total_q, hkv * topk * g * (d * q.element_size() + 4), q.device)
@@ -109,7 +110,8 @@ def sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen, block
     if total_q == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size)
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, k.shape[0], block_size,
+                    varlen.kv_start, varlen.kv_len)
     dq_dtype = DQ_PARTIAL_DTYPE.get(q.dtype, torch.float32)
     per_entry = g * d * dq_dtype.itemsize
     entries_per_tile = tokens * cfg.segment_tiles

@@ -20,18 +20,19 @@ from __future__ import annotations
 import torch
 
 from ..utils.reference import (
-    KeyGrad, Keys, attention_scores, compute_dtype, group_rows, key_chunks, layout_for,
+    KeyGrad, Keys, attention_scores, compute_dtype, group_rows, key_chunks, key_ranges, layout_for,
     masked_softmax_stats, matmul_keys, row_meta, safe_lse, ungroup,
 )
 
 
-def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
-    """Returns out (q.dtype) and lse (compute dtype, [total_q, Hq])."""
+def attention_forward(q, k, v, topk_indices, cu_q, ranges, block_size, scale):
+    """Returns out (q.dtype) and lse (compute dtype, [total_q, Hq]); ``ranges``: the
+    (starts, lens) of the sequences' keys (``key_ranges``)."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     cdt = compute_dtype(q.dtype)
-    meta = row_meta(cu_q, cu_k, q.device)
-    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    meta = row_meta(cu_q, ranges, q.device)
+    layout = layout_for(topk_indices, cu_q, ranges, k.shape[0], block_size, q.device)
     v_fin = torch.isfinite(v)
     if not v_fin.all():  # see the module docstring
         k = k + v * 0
@@ -40,7 +41,7 @@ def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
     out = torch.zeros_like(q)
     lse = torch.full((total_q, hq), float("-inf"), dtype=cdt, device=q.device)
     per_key = cdt.itemsize * (2 * hkv * d + 3 * hq) + 2
-    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, ranges, topk_indices, layout, per_key):
         s, _, _ = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
         m, p, l = masked_softmax_stats(s)
         o = matmul_keys(p, values.gather(sel), transpose_keys=False)
@@ -52,17 +53,17 @@ def attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, cu_k, block_size, scale):
+def attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, ranges, block_size, scale):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     cdt = compute_dtype(q.dtype)
-    meta = row_meta(cu_q, cu_k, q.device)
-    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+    meta = row_meta(cu_q, ranges, q.device)
+    layout = layout_for(topk_indices, cu_q, ranges, k.shape[0], block_size, q.device)
     keys, values = Keys(k, layout, cdt), Keys(v, layout, cdt)
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk, dv = KeyGrad(k, layout, cdt), KeyGrad(v, layout, cdt)
     per_key = cdt.itemsize * (4 * hkv * d + 4 * hq) + 2
-    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, ranges, topk_indices, layout, per_key):
         s, qg, kk = attention_scores(q, keys, rows, sel, valid, hkv, scale, cdt)
         vv = values.gather(sel)
         lse_g = safe_lse(lse[rows].view(-1, hkv, hq // hkv).permute(1, 0, 2))
@@ -88,10 +89,10 @@ class SparseAttentionReference(torch.autograd.Function):
     Differentiable w.r.t. q, k, v; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topk_indices, cu_q, cu_k, block_size, scale):
-        out, lse = attention_forward(q, k, v, topk_indices, cu_q, cu_k, block_size, scale)
+    def forward(ctx, q, k, v, topk_indices, cu_q, ranges, block_size, scale):
+        out, lse = attention_forward(q, k, v, topk_indices, cu_q, ranges, block_size, scale)
         ctx.save_for_backward(q, k, v, topk_indices, out, lse)
-        ctx.args = (cu_q, cu_k, block_size, scale)
+        ctx.args = (cu_q, ranges, block_size, scale)
         lse_out = lse.float()
         ctx.mark_non_differentiable(lse_out)
         return out, lse_out
@@ -99,11 +100,14 @@ class SparseAttentionReference(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, topk_indices, out, lse = ctx.saved_tensors
-        cu_q, cu_k, block_size, scale = ctx.args
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, cu_k,
+        cu_q, ranges, block_size, scale = ctx.args
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, ranges,
                                         block_size, scale)
         return dq, dk, dv, None, None, None, None, None
 
 
-def sparse_attention_reference(q, k, v, topk_indices, cu_q, cu_k, *, block_size, scale):
-    return SparseAttentionReference.apply(q, k, v, topk_indices, cu_q, cu_k, block_size, scale)
+def sparse_attention_reference(q, k, v, topk_indices, cu_q, cu_k, *, block_size, scale,
+                               kv_ranges=None):
+    """cu_q/cu_k host tuples, or cu_q and the fragment form's ``kv_ranges`` (starts, lens)."""
+    return SparseAttentionReference.apply(q, k, v, topk_indices, cu_q, key_ranges(cu_k, kv_ranges),
+                                          block_size, scale)

@@ -63,7 +63,7 @@ def _next_forced(after, n_init, lo_local, local, row_ok):
 
 @triton.jit
 def _indexer_topk_kernel(
-    QI, KI, CU_Q, CU_K, TILE_END,
+    QI, KI, CU_Q, CU_K, KV_START, KV_LEN, TILE_END,
     TOPK_OUT, LSE_OUT, PAGE_TABLE,
     scale,
     num_seqs, total_q, hkv,
@@ -73,7 +73,8 @@ def _indexer_topk_kernel(
     TOPK: tl.constexpr, KPAD: tl.constexpr, KOUT: tl.constexpr,
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
-    PAGED: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    PAGED: tl.constexpr, FRAGMENTS: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+    LOCAL_BLOCKS: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - INIT_BLOCKS - LOCAL_BLOCKS  # ranked slots
 
@@ -97,8 +98,12 @@ def _indexer_topk_kernel(
     b = lo
     q_start = tl.load(CU_Q + b)
     seq_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seq_k = tl.load(CU_K + b + 1) - k_start
+    if FRAGMENTS:  # the sequence names its key range (docs/spec.md section 3)
+        k_start = tl.load(KV_START + b)
+        seq_k = tl.load(KV_LEN + b)
+    else:
+        k_start = tl.load(CU_K + b)
+        seq_k = tl.load(CU_K + b + 1) - k_start
     tiles_b = (seq_q + BLOCK_M - 1) // BLOCK_M
     j = tile - (tl.load(TILE_END + b) - tiles_b)  # tile index inside the sequence
 

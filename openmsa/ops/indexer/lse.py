@@ -63,7 +63,8 @@ def index_lse_kv_outer(qi, ki, topk_indices, varlen, *, block_size: int, scale: 
     total_q, hkv, di = qi.shape
     topk = topk_indices.shape[2]
     index_lse = torch.empty((hkv, total_q), dtype=torch.float32, device=qi.device)
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, ki.shape[0], block_size)
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, ki.shape[0], block_size,
+                    varlen.kv_start, varlen.kv_len)
     cfg = launch_config("index_lse", qi.device)
     chunk = min(total_q, cfg.max_rows_per_chunk)
     part = torch.empty(hkv * chunk * topk, dtype=torch.float32, device=qi.device)

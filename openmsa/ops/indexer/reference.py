@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..utils.reference import chunk_rows, compute_dtype, sequences
+from ..utils.reference import chunk_rows, compute_dtype, key_ranges, sequences
 
 
 def _rank_blocks(block_score: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,11 @@ def _rank_blocks(block_score: torch.Tensor, candidate: torch.Tensor) -> torch.Te
     return order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
 
 
-def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple, *, block_size: int, topk: int,
-                           scale: float, init_blocks: int = 0, local_blocks: int = 1):
-    """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; cu_q/cu_k host tuples;
+def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple | None, *, block_size: int, topk: int,
+                           scale: float, init_blocks: int = 0, local_blocks: int = 1,
+                           kv_ranges: tuple | None = None):
+    """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; cu_q/cu_k host tuples, or cu_q and the
+    fragment form's ``kv_ranges`` (starts, lens) in place of cu_k;
     init_blocks + local_blocks <= topk.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
@@ -44,7 +46,7 @@ def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple, *, block_size: int,
     topk_indices = torch.full((hkv, total_q, topk), -1, dtype=torch.int32, device=device)
     index_lse = torch.full((hkv, total_q), float("-inf"), dtype=torch.float32, device=device)
     slots = torch.arange(topk, device=device)
-    for q0, lq, k0, lk in sequences(cu_q, cu_k):
+    for q0, lq, k0, lk in sequences(cu_q, key_ranges(cu_k, kv_ranges)):
         num_blocks = (lk + block_size - 1) // block_size
         ki_seq = ki[k0:k0 + lk, 0].to(cdt)  # [Lk, Di]
         keys = torch.arange(lk, device=device)

@@ -80,6 +80,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     if paged and mode == "kv_outer":
         mode = "union"  # the KV-outer LSE pass reads packed keys
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
+    fragments = varlen.kv_start is not None
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
     tiles = torch.div(cu_q[1:] - cu_q[:-1] + (block_m - 1), block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
@@ -87,7 +88,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
     _indexer_topk_kernel[grid](
-        qi, ki, cu_q, cu_k, tile_end, topk_indices, index_lse if with_lse else topk_indices,
+        qi, ki, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
+        varlen.kv_len if fragments else cu_q, tile_end, topk_indices, index_lse if with_lse else topk_indices,
         page_table if paged else cu_q,
         float(scale), num_seqs, total_q, hkv,
         qi.stride(0), qi.stride(1), ki.stride(-2) if paged else ki.stride(0),
@@ -98,7 +100,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         SEARCH_ITERS=num_seqs.bit_length(), DETERMINISTIC=deterministic,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
-        COMPUTE_LSE=mode == "union", PAGED=paged, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+        COMPUTE_LSE=mode == "union", PAGED=paged, FRAGMENTS=fragments, INIT_BLOCKS=init_blocks,
+        LOCAL_BLOCKS=local_blocks,
         num_warps=num_warps, num_stages=num_stages,
     )
     if mode == "kv_outer":

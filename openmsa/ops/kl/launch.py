@@ -98,7 +98,8 @@ def indexer_kl_forward(q, k, qi, ki, topk_indices, varlen, block_size, scale, sc
         index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size,
                                        scale=scale_i)
 
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size)
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, total_q, total_k, block_size,
+                    varlen.kv_start, varlen.kv_len)
     entries_per_tile = tokens * teacher.segment_tiles
     per_entry = block_size * 4 + (di * 4 if with_grad else 0) + 4
     if deterministic:  # dki slots, at most 2 per entries_per_tile entries

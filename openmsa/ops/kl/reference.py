@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..utils.reference import (
-    KeyGrad, Keys, attention_scores, compute_dtype, key_chunks, layout_for, masked_softmax_stats,
-    matmul_keys, row_meta, safe_lse,
+    KeyGrad, Keys, attention_scores, compute_dtype, key_chunks, key_ranges, layout_for,
+    masked_softmax_stats, matmul_keys, row_meta, safe_lse,
 )
 
 
@@ -59,36 +59,36 @@ def _kl_terms(teacher, log_student, valid):
     return torch.where(nz, teacher * (torch.log(safe_t) - safe_s), torch.zeros_like(teacher))
 
 
-def _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt):
-    meta = row_meta(cu_q, cu_k, q.device)
-    layout = layout_for(topk_indices, cu_q, cu_k, block_size, q.device)
+def _prepare(q, k, ki, topk_indices, cu_q, ranges, block_size, cdt):
+    meta = row_meta(cu_q, ranges, q.device)
+    layout = layout_for(topk_indices, cu_q, ranges, k.shape[0], block_size, q.device)
     return meta, layout, Keys(k, layout, cdt), Keys(ki, layout, cdt)
 
 
-def kl_forward(q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i, lse, index_lse):
+def kl_forward(q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i, lse, index_lse):
     """Sum over (t, g) of KL(P_T || P_S), unnormalised, in the compute dtype."""
     cdt = compute_dtype(qi.dtype)
     hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
-    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt)
+    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, ranges, block_size, cdt)
     total = torch.zeros((), dtype=cdt, device=q.device)
     per_key = cdt.itemsize * (hkv * (d + qi.shape[2] + 6) + 2 * hq) + 2
-    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, ranges, topk_indices, layout, per_key):
         teacher, log_student, valid_e, _, _ = _chunk_distributions(
             q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt)
         total = total + _kl_terms(teacher, log_student, valid_e).sum()
     return total
 
 
-def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i,
+def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i,
                 lse, index_lse):
     """d loss / d qi and d ki for d loss / d z = grad_scale * (P_S - P_T)."""
     cdt = compute_dtype(qi.dtype)
     hq, d, hkv = q.shape[1], q.shape[2], k.shape[1]
-    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, cu_k, block_size, cdt)
+    meta, layout, keys, ikeys = _prepare(q, k, ki, topk_indices, cu_q, ranges, block_size, cdt)
     dqi = torch.zeros(qi.shape, dtype=cdt, device=q.device)
     dki = KeyGrad(ki, layout, cdt)
     per_key = cdt.itemsize * (hkv * (d + 2 * qi.shape[2] + 8) + 2 * hq) + 2
-    for rows, sel, valid in key_chunks(meta, cu_q, cu_k, topk_indices, layout, per_key):
+    for rows, sel, valid in key_chunks(meta, cu_q, ranges, topk_indices, layout, per_key):
         teacher, log_student, _, qig, kik = _chunk_distributions(
             q, keys, qi, ikeys, rows, sel, valid, scale, scale_i, lse, index_lse, cdt)
         student = torch.exp(log_student).masked_fill(~valid, 0.0)  # 0 masked, NaN index_lse too
@@ -103,26 +103,28 @@ def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, 
 
 class IndexerKLReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i, coeff,
+    def forward(ctx, q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i, coeff,
                 lse, index_lse):
         hkv, total_q = qi.shape[1], qi.shape[0]
         norm = coeff / (hkv * total_q) if total_q > 0 else 0.0
-        total = kl_forward(q, k, qi, ki, topk_indices, cu_q, cu_k, block_size, scale, scale_i,
+        total = kl_forward(q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i,
                            lse, index_lse)
         ctx.save_for_backward(q, k, qi, ki, topk_indices, lse, index_lse)
-        ctx.args = (cu_q, cu_k, block_size, scale, scale_i, norm)
+        ctx.args = (cu_q, ranges, block_size, scale, scale_i, norm)
         return (total * norm).to(torch.float64 if qi.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, qi, ki, topk_indices, lse, index_lse = ctx.saved_tensors
-        cu_q, cu_k, block_size, scale, scale_i, norm = ctx.args
-        dqi, dki = kl_backward(grad * norm, q, k, qi, ki, topk_indices, cu_q, cu_k, block_size,
+        cu_q, ranges, block_size, scale, scale_i, norm = ctx.args
+        dqi, dki = kl_backward(grad * norm, q, k, qi, ki, topk_indices, cu_q, ranges, block_size,
                                scale, scale_i, lse, index_lse)
         return (None, None, dqi, dki) + (None,) * 9
 
 
 def indexer_kl_reference(q, k, qi, ki, topk_indices, cu_q, cu_k, *, block_size, scale, scale_i,
-                         coeff, lse=None, index_lse=None):
-    return IndexerKLReference.apply(q.detach(), k.detach(), qi, ki, topk_indices, cu_q, cu_k,
-                                    block_size, scale, scale_i, coeff, lse, index_lse)
+                         coeff, lse=None, index_lse=None, kv_ranges=None):
+    """cu_q/cu_k host tuples, or cu_q and the fragment form's ``kv_ranges`` (starts, lens)."""
+    return IndexerKLReference.apply(q.detach(), k.detach(), qi, ki, topk_indices, cu_q,
+                                    key_ranges(cu_k, kv_ranges), block_size, scale, scale_i, coeff,
+                                    lse, index_lse)

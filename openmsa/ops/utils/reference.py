@@ -32,6 +32,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def key_ranges(cu_k: tuple | None, kv_ranges: tuple | None = None) -> tuple:
+    """(starts, lens): the key range of every query sequence as host tuples, from the
+    fragment form's ``kv_ranges`` (docs/spec.md section 3) or else from cu_k."""
+    if kv_ranges is not None:
+        return tuple(kv_ranges[0]), tuple(kv_ranges[1])
+    return tuple(cu_k[:-1]), tuple(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
+
+
 @dataclass(frozen=True)
 class RowMeta:
     """Per query row (packed index t): where its sequence's keys start, how many keys
@@ -42,25 +50,24 @@ class RowMeta:
     pos: torch.Tensor  # int64 [total_q]
 
 
-def row_meta(cu_q: tuple, cu_k: tuple, device) -> RowMeta:
+def row_meta(cu_q: tuple, ranges: tuple, device) -> RowMeta:
+    """``ranges``: the (starts, lens) of ``key_ranges``."""
     cu_q_t = torch.tensor(cu_q, dtype=torch.int64)
-    cu_k_t = torch.tensor(cu_k, dtype=torch.int64)
     lq = cu_q_t[1:] - cu_q_t[:-1]
-    lk = cu_k_t[1:] - cu_k_t[:-1]
-    k_start = torch.repeat_interleave(cu_k_t[:-1], lq)
-    seq_len_k = torch.repeat_interleave(lk, lq)
+    k_start = torch.repeat_interleave(torch.tensor(ranges[0], dtype=torch.int64), lq)
+    seq_len_k = torch.repeat_interleave(torch.tensor(ranges[1], dtype=torch.int64), lq)
     q_start = torch.repeat_interleave(cu_q_t[:-1], lq)
     t = torch.arange(int(cu_q_t[-1]), dtype=torch.int64)
     pos = (seq_len_k - torch.repeat_interleave(lq, lq)) + (t - q_start)
     return RowMeta(k_start.to(device), seq_len_k.to(device), pos.to(device))
 
 
-def sequences(cu_q: tuple, cu_k: tuple):
+def sequences(cu_q: tuple, ranges: tuple):
     """Yield (q_start, Lq, k_start, Lk) for every sequence with at least one query."""
     for b in range(len(cu_q) - 1):
         lq = cu_q[b + 1] - cu_q[b]
         if lq > 0:
-            yield cu_q[b], lq, cu_k[b], cu_k[b + 1] - cu_k[b]
+            yield cu_q[b], lq, ranges[0][b], ranges[1][b]
 
 
 @dataclass(frozen=True)
@@ -68,28 +75,41 @@ class BlockLayout:
     """Keys re-laid as blocks of B tokens, so that a selected block is one contiguous
     [B, D] slice per head: gathers and scatter-adds then move whole blocks instead of
     single tokens. Global block ``row_block_base[t] + c`` is block c of row t's
-    sequence; block ``num_blocks`` is an all-zero dummy that invalid slots point to."""
+    sequence; block ``num_blocks`` is an all-zero dummy that invalid slots point to.
+
+    Blocks belong to key ranges, not to query sequences: query sequences whose key ranges
+    start at the same row (fragments of one sequence, docs/spec.md section 3) share the
+    blocks of the longest such range, so the gradients of their keys meet in one place."""
 
     block_size: int
     num_blocks: int
-    token_slot: torch.Tensor  # int64 [total_k]: position of each key in the blocked order
+    total_k: int
+    token_slot: torch.Tensor  # int64 [n]: position in the blocked order of key row token_rows[i]
+    token_rows: torch.Tensor  # int64 [n]: the key rows that lie in some range
     row_block_base: torch.Tensor  # int64 [total_q]
 
 
-def block_layout(cu_q: tuple, cu_k: tuple, block_size: int, device) -> BlockLayout:
-    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
-    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
-    nblk = [(n + block_size - 1) // block_size for n in lk]
-    base = [0]
-    for n in nblk:
-        base.append(base[-1] + n)
-    lk_t = torch.tensor(lk, dtype=torch.int64)
-    base_t = torch.tensor(base[:-1], dtype=torch.int64)
-    start_t = torch.tensor(cu_k[:-1], dtype=torch.int64)
-    j = torch.arange(cu_k[-1], dtype=torch.int64) - torch.repeat_interleave(start_t, lk_t)
-    token_slot = torch.repeat_interleave(base_t, lk_t) * block_size + j
-    row_base = torch.repeat_interleave(base_t, torch.tensor(lq, dtype=torch.int64))
-    return BlockLayout(block_size, base[-1], token_slot.to(device), row_base.to(device))
+def block_layout(cu_q: tuple, ranges: tuple, total_k: int, block_size: int, device) -> BlockLayout:
+    starts, lens = ranges
+    longest = {}  # range start -> the longest length starting there
+    for s, n in zip(starts, lens):
+        if n > 0:
+            longest[s] = max(longest.get(s, 0), n)
+    base, rows, slots, nblk = {}, [], [], 0
+    for s in sorted(longest):
+        n = longest[s]
+        base[s] = nblk
+        rows.append(torch.arange(s, s + n, dtype=torch.int64))
+        slots.append(torch.arange(nblk * block_size, nblk * block_size + n, dtype=torch.int64))
+        nblk += (n + block_size - 1) // block_size
+    empty = torch.empty(0, dtype=torch.int64)
+    token_rows = torch.cat(rows) if rows else empty
+    token_slot = torch.cat(slots) if slots else empty
+    lq = torch.tensor([b - a for a, b in zip(cu_q[:-1], cu_q[1:])], dtype=torch.int64)
+    seq_base = torch.tensor([base.get(s, 0) for s in starts], dtype=torch.int64)
+    row_base = torch.repeat_interleave(seq_base, lq)
+    return BlockLayout(block_size, nblk, total_k, token_slot.to(device), token_rows.to(device),
+                       row_base.to(device))
 
 
 def to_blocks(x: torch.Tensor, layout: BlockLayout, dtype) -> torch.Tensor:
@@ -97,14 +117,17 @@ def to_blocks(x: torch.Tensor, layout: BlockLayout, dtype) -> torch.Tensor:
     _, h, d = x.shape
     b = layout.block_size
     xb = torch.zeros((layout.num_blocks + 1) * b, h, d, dtype=dtype, device=x.device)
-    xb[layout.token_slot] = x.to(dtype)
+    xb[layout.token_slot] = x[layout.token_rows].to(dtype)
     return xb.view(layout.num_blocks + 1, b, h, d).transpose(1, 2).contiguous()
 
 
 def from_blocks(xb: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Inverse of to_blocks: [num_blocks + 1, H, B, D] -> [total_k, H, D]."""
+    """Inverse of to_blocks: [num_blocks + 1, H, B, D] -> [total_k, H, D] (0 for key rows
+    that lie in no range)."""
     nb, h, b, d = xb.shape
-    return xb.transpose(1, 2).reshape(nb * b, h, d)[layout.token_slot]
+    out = torch.zeros((layout.total_k, h, d), dtype=xb.dtype, device=xb.device)
+    out[layout.token_rows] = xb.transpose(1, 2).reshape(nb * b, h, d)[layout.token_slot]
+    return out
 
 
 def selected_blocks(topk_rows: torch.Tensor, meta: RowMeta, layout: BlockLayout, rows: slice):
@@ -180,7 +203,7 @@ def safe_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
 
 
-def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, layout, bytes_per_key: int):
+def key_chunks(meta: RowMeta, cu_q: tuple, ranges: tuple, topk_indices, layout, bytes_per_key: int):
     """Yield (rows, sel, valid) chunks covering every query row once; ``bytes_per_key``
     is what one (row, key slot) pair costs in temporaries, all heads included.
 
@@ -197,7 +220,7 @@ def key_chunks(meta: RowMeta, cu_q: tuple, cu_k: tuple, topk_indices, layout, by
             gid, valid = selected_blocks(topk_indices[:, rows], meta, layout, rows)
             yield rows, gid, valid
         return
-    for q0, lq, k0, lk in sequences(cu_q, cu_k):
+    for q0, lq, k0, lk in sequences(cu_q, ranges):
         keys = torch.arange(lk, device=meta.pos.device)
         rows_per_chunk = chunk_rows(lk * bytes_per_key)
         for r0 in range(q0, q0 + lq, rows_per_chunk):
@@ -244,8 +267,8 @@ class KeyGrad:
         return g.to(self.x.dtype)
 
 
-def layout_for(topk_indices, cu_q, cu_k, block_size, device):
-    return None if topk_indices is None else block_layout(cu_q, cu_k, block_size, device)
+def layout_for(topk_indices, cu_q, ranges, total_k, block_size, device):
+    return None if topk_indices is None else block_layout(cu_q, ranges, total_k, block_size, device)
 
 
 def group_rows(x: torch.Tensor, rows: slice, hkv: int, dtype) -> torch.Tensor:

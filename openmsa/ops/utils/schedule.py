@@ -38,31 +38,55 @@ from .configs import launch_config
 
 @dataclass
 class RowInfo:
-    """Per query row, for the whole call (int32, on the device)."""
+    """Per query row, for the whole call (int32, on the device).
+
+    Key blocks belong to key ranges: in the fragment form (docs/spec.md section 3) the query
+    sequences whose key ranges start at the same row share that range's blocks (one CSR
+    group per block, whichever fragment selected it), so ``seq_len_k`` and ``block_base``
+    are those of the longest range starting there. Ranges of different starts are
+    disjoint, so a key row belongs to one group per KV group g, as in the ordinary form."""
 
     seq: torch.Tensor  # sequence of the row
     pos: torch.Tensor  # causal position p = Lk - Lq + i
     seq_k_start: torch.Tensor  # per sequence: first key row
-    seq_len_k: torch.Tensor  # per sequence: Lk
+    seq_len_k: torch.Tensor  # per sequence: Lk (fragments: of the longest range at its start)
     block_base: torch.Tensor  # per sequence: global id of its block 0
     num_blocks_bound: int  # host upper bound on the number of global blocks
 
 
-def row_info(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int,
-             block_size: int) -> RowInfo:
+def row_info(cu_q: torch.Tensor, cu_k: torch.Tensor | None, total_q: int, total_k: int,
+             block_size: int, kv_start: torch.Tensor | None = None,
+             kv_len: torch.Tensor | None = None) -> RowInfo:
+    """``kv_start``/``kv_len`` (int32 [num_seqs]): the fragment form, cu_k unused."""
     nseq = cu_q.numel() - 1
     t = torch.arange(total_q, dtype=torch.int32, device=cu_q.device)
     seq = torch.searchsorted(cu_q[1:].contiguous(), t, right=True).to(torch.int32)
     seq = seq.clamp_(max=max(nseq - 1, 0))
     len_q = cu_q[1:] - cu_q[:-1]
-    len_k = cu_k[1:] - cu_k[:-1]
-    pos = (len_k - len_q)[seq] + (t - cu_q[:-1][seq])
-    nblk = (len_k + block_size - 1) // block_size
-    base = (torch.cumsum(nblk, 0) - nblk).to(torch.int32)
-    # Each sequence adds at most one partial block to total_k / B.
+    # Each range adds at most one partial block to total_k / B (ranges of different
+    # starts are disjoint).
     bound = total_k // block_size + nseq
-    return RowInfo(seq, pos.to(torch.int32), cu_k[:-1].contiguous(), len_k.to(torch.int32).contiguous(),
-                   base, bound)
+    if kv_start is None:
+        len_k = cu_k[1:] - cu_k[:-1]
+        pos = (len_k - len_q)[seq] + (t - cu_q[:-1][seq])
+        nblk = (len_k + block_size - 1) // block_size
+        base = (torch.cumsum(nblk, 0) - nblk).to(torch.int32)
+        return RowInfo(seq, pos.to(torch.int32), cu_k[:-1].contiguous(),
+                       len_k.to(torch.int32).contiguous(), base, bound)
+    pos = (kv_len - len_q)[seq] + (t - cu_q[:-1][seq])
+    # ranges by start; the ranges of one start form one key range of the longest length
+    starts, order = torch.sort(kv_start, stable=True)
+    new = torch.ones_like(starts, dtype=torch.bool)
+    new[1:] = starts[1:] != starts[:-1]
+    group = torch.cumsum(new, 0) - 1
+    longest = torch.zeros(nseq, dtype=torch.int64, device=cu_q.device).scatter_reduce_(
+        0, group, kv_len.long()[order], "amax")
+    nblk = (longest + block_size - 1) // block_size
+    group_base = torch.cumsum(nblk, 0) - nblk
+    len_k = torch.empty_like(longest).scatter_(0, order, longest[group])
+    base = torch.empty_like(longest).scatter_(0, order, group_base[group])
+    return RowInfo(seq, pos.to(torch.int32), kv_start.contiguous(), len_k.to(torch.int32),
+                   base.to(torch.int32), bound)
 
 
 @dataclass
@@ -210,7 +234,8 @@ def dense_chunks(q: torch.Tensor, k: torch.Tensor, varlen, block_size: int):
     index tensors one at a time (all at once would be Hkv x total_q x blocks int32: 2 GB at
     128K tokens with Hkv = 4, B = 128). Bounded on the host by total_k / B: no host read."""
     chunk = launch_config("dense_chunks", q.device).blocks
-    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, q.shape[0], k.shape[0], block_size)
+    info = row_info(varlen.cu_seqlens_q, varlen.cu_seqlens_k, q.shape[0], k.shape[0], block_size,
+                    varlen.kv_start, varlen.kv_len)
     nblocks = -(-k.shape[0] // block_size)  # >= the block count of every sequence
     for c0 in range(0, nblocks, chunk):
         yield dense_chunk_indices(info.pos, k.shape[1], block_size, c0, min(chunk, nblocks - c0))
