@@ -6,7 +6,8 @@ was expected. Nothing in this module modifies its inputs.
 
 Checks that need the *values* of ``cu_seqlens`` (start at 0, non-decreasing,
 Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free and
-always done; the reference backend needs the lengths on the host anyway. On CUDA tensors
+always done (outside torch.compile); the reference backend needs the lengths on the host
+anyway (under torch.compile its op reads and checks them, see ``openmsa.library``). On CUDA tensors
 the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
 remembered on the tensor object with its version counter), so the sixty layers of a
 step synchronise at most once and a step that builds new tensors is checked again. It
@@ -202,6 +203,12 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
             f"{total_k} key rows; every sequence needs Lq <= Lk"
         )
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+    if torch.compiler.is_compiling():
+        # No host read in a traced graph: the reference op reads and checks the values
+        # itself (opaque to the compiler); the kernels get the sanitised copy.
+        if read_values:
+            return varlen
+        return Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k)
     if read_values or cu_seqlens_q.device.type == "cpu":
         return _check_values(varlen)
     if not _may_read_device_values():

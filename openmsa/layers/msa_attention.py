@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _validation as V
-from .._backend import resolve
+from ..library import resolve
 from ..ops.utils.shapes import all_stages_support
 from ..api import indexer_kl_loss, msa_attention, sparse_attention
 from .rope import apply_rope, rope_cos_sin
