@@ -264,22 +264,32 @@ class MSADecodeWrapper:
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
         if p["total_q"] > 0:
-            scan = p["scan"]
-            torch.ops.openmsa.decode_topk(
-                qi, ki_cache, ki_scale, p["page_table"], p["cu_q"], p["kv_lens"], p["pages_per_split"],
+            torch.ops.openmsa.decode_topk(*self._topk_op_args(qi, ki_cache, ki_scale))
+        return p["topk"]
+
+    def _topk_op_args(self, qi, ki_cache, ki_scale=None) -> tuple:
+        """The arguments of the op openmsa::decode_topk for this plan (its outputs: the
+        plan's candidate and topk buffers)."""
+        p, scan = self._plan, self._plan["scan"]
+        return (qi, ki_cache, ki_scale, p["page_table"], p["cu_q"], p["kv_lens"], p["pages_per_split"],
                 p["cand"], p["cand2"], p["topk"], self.index_softmax_scale, max(1, p["qmax"]), p["rows"],
                 p["kpad"], p["idx_splits"], scan["pages_fp8" if ki_scale is not None else "pages"],
                 scan["warps"], scan["stages"], "triton")
-        return p["topk"]
 
     def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):
         p = self._plan
         if p["total_q"] > 0:
             torch.ops.openmsa.decode_attention(
-                q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
+                *self._attention_op_args(q, k_cache, v_cache, topk_idx, k_scale, v_scale))
+        return p["out"], p["lse"]
+
+    def _attention_op_args(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0) -> tuple:
+        """The arguments of the op openmsa::decode_attention for this plan (its outputs: the
+        plan's out, lse and partial buffers)."""
+        p = self._plan
+        return (q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
                 p["out"], p["lse"], p["part_o"], p["part_lse"], self.softmax_scale, float(k_scale),
                 float(v_scale), p["g_pad"], p["attn_splits"], "triton")
-        return p["out"], p["lse"]
 
 
 # --------------------------------------------------------------------------- launchers

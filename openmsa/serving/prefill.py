@@ -120,11 +120,17 @@ class MSAPrefillWrapper:
         if p["total_q"] == 0:
             return (p["out"], p["lse"], p["topk"]) if return_lse else (p["out"], p["topk"])
         p["page_table"].clamp_(0, num_pages - 1)  # memory safety whatever the buffer holds
-        torch.ops.openmsa.prefill(q, qi, k_cache, v_cache, ki_cache, p["cu_q"], p["cu_k"], p["page_table"],
-                                  p["topk"], p["out"], p["lse"], p["total_k"], p["num_blocks_bound"],
-                                  self.softmax_scale, self.index_softmax_scale, self.deterministic, "triton")
+        torch.ops.openmsa.prefill(*self._op_args(q, qi, k_cache, v_cache, ki_cache))
         out, lse, topk_idx = p["out"], p["lse"], p["topk"]
         return (out, lse, topk_idx) if return_lse else (out, topk_idx)
+
+    def _op_args(self, q, qi, k_cache, v_cache, ki_cache) -> tuple:
+        """The arguments of the op openmsa::prefill for this plan (its outputs: the plan's
+        topk, out and lse buffers)."""
+        p = self._plan
+        return (q, qi, k_cache, v_cache, ki_cache, p["cu_q"], p["cu_k"], p["page_table"], p["topk"],
+                p["out"], p["lse"], p["total_k"], p["num_blocks_bound"], self.softmax_scale,
+                self.index_softmax_scale, self.deterministic, "triton")
 
 
 def launch_prefill(q, qi, k_cache, v_cache, ki_cache, varlen, page_table, topk_idx, out, lse, *,
