@@ -7,8 +7,8 @@ was expected. Nothing in this module modifies its inputs.
 Checks that need the *values* of ``cu_seqlens`` (start at 0, non-decreasing,
 Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free and
 always done (outside torch.compile); the reference backend needs the lengths on the host
-anyway (under torch.compile its op reads and checks them, see ``openmsa.library``). On CUDA tensors
-the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
+anyway (under torch.compile its op reads and checks them: ``openmsa.library``). On CUDA
+tensors the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
 remembered on the tensor object with its version counter), so the sixty layers of a
 step synchronise at most once and a step that builds new tensors is checked again. It
 skips the read while a CUDA graph is being captured, under torch.compile, and where the

@@ -190,11 +190,11 @@ class MSAttention(IndexBranchMixin, nn.Module):
     The packed form reads cu_seqlens on the host (to check them and derive RoPE
     positions): pass ``positions`` and use the batched form, or call the ops directly,
     where a CUDA graph must capture the layer. ``torch.compile`` traces either form
-    without a graph break (the value checks are then skipped, as in the ops). x must have the parameters' dtype (under
-    ``torch.autocast`` any of float16 / bfloat16 / float32); ``positions`` ``[total]`` or
-    ``[batch, seqlen]`` is an integer tensor. Empty input (batch 0, seqlen 0, an empty
-    pack) gives an empty output and ``kl_loss`` = 0, through which backward runs (zero
-    gradients).
+    without a graph break (the value checks are then skipped, as in the ops). x must have
+    the parameters' dtype (under ``torch.autocast`` any of float16 / bfloat16 / float32);
+    ``positions`` ``[total]`` or ``[batch, seqlen]`` is an integer tensor. Empty input
+    (batch 0, seqlen 0, an empty pack) gives an empty output and ``kl_loss`` = 0, through
+    which backward runs (zero gradients).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim=None, *,
