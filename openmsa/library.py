@@ -20,9 +20,10 @@ Ops (docs/spec.md section 10 lists them with their arguments):
     openmsa::decode_attention             serving: MSADecodeWrapper's Main Branch
     openmsa::prefill                      serving: MSAPrefillWrapper's run
 
-Each op takes its implementation as the last argument ``impl``: "reference" (PyTorch) or
-"triton" (the kernels; on CPU tensors under Triton's interpreter). :func:`resolve` turns a
-public ``backend`` ("auto" | "triton" | "reference") into it. The ops take *validated*
+Each op but ``indexer_kl_loss_backward`` (plain torch arithmetic) takes its implementation
+as the last argument ``impl``: "reference" (PyTorch) or "triton" (the kernels; on CPU
+tensors under Triton's interpreter; the decode and prefill ops have only these).
+:func:`resolve` turns a public ``backend`` ("auto" | "triton" | "reference") into it. The ops take *validated*
 arguments (the public functions of ``openmsa.api`` and the serving wrappers validate, then
 call them); only the reference reads cu_seqlens on the host, inside the op, where the
 compiler does not see it, and checks their values there.
@@ -51,9 +52,9 @@ from .ops.kl.reference import kl_backward, kl_forward
 from .ops.utils.reference import compute_dtype
 
 # Triton launchers: name -> "module:function" (loaded on first use; tests may replace an
-# entry by a callable, or remove it). The public op names here ("indexer_topk",
-# "sparse_attention", "dense_attention", "indexer_kl_loss", "append_paged_kv") are those
-# that :func:`resolve` takes.
+# entry by a callable, or remove it). The names of the public ops here ("indexer_topk",
+# "sparse_attention", "dense_attention" (its topk_indices=None form), "indexer_kl_loss",
+# "append_paged_kv") are those that :func:`resolve` takes.
 TRITON_KERNELS: dict = {
     "indexer_topk": "openmsa.ops.indexer.triton_impl:indexer_topk_triton",
     "sparse_attention": "openmsa.ops.attention.triton_impl:sparse_attention_triton",
