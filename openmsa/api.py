@@ -109,8 +109,9 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
     if impl == "triton":
         require_triton("indexer_topk")
     with torch.no_grad():
-        idx, lse = torch.ops.openmsa.indexer_topk(qi, ki, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
-                                                  block_size, topk, scale, deterministic, impl)
+        idx, lse = torch.ops.openmsa.indexer_topk(
+            qi, ki, varlen.cu_seqlens_q, varlen.cu_seqlens_k, block_size=block_size, topk=topk,
+            scale=scale, deterministic=deterministic, impl=impl)
     return _unflatten_rows(idx, batched, 1), _unflatten_rows(lse, batched, 1)
 
 
@@ -160,9 +161,9 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
                             read_values=impl == "reference")
     if impl == "triton":
         require_triton(op)
-    out, lse = torch.ops.openmsa.sparse_attention(q, k, v, topk_indices, varlen.cu_seqlens_q,
-                                                  varlen.cu_seqlens_k, block_size, scale,
-                                                  deterministic, impl)
+    out, lse = torch.ops.openmsa.sparse_attention(
+        q, k, v, topk_indices, varlen.cu_seqlens_q, varlen.cu_seqlens_k, block_size=block_size,
+        scale=scale, deterministic=deterministic, impl=impl)
     lse = lse.float()  # the reference's float64 LSE of float64 inputs (kept for its backward)
     return _unflatten_rows(out, batched, 0), _unflatten_rows(lse, batched, 0)
 
@@ -225,7 +226,8 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
     with_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
     loss, _, _ = torch.ops.openmsa.indexer_kl_loss(
         q.detach(), k.detach(), qi, ki, topk_indices, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
-        lse, index_lse, block_size, scale, scale_i, coeff, deterministic, with_grad, impl)
+        lse=lse, index_lse=index_lse, block_size=block_size, scale=scale, index_scale=scale_i,
+        coeff=coeff, deterministic=deterministic, with_grad=with_grad, impl=impl)
     return loss
 
 

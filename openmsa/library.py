@@ -125,6 +125,16 @@ def _varlen(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: i
     return V._check_values(varlen) if impl == "reference" else varlen
 
 
+def _named(op: str, inputs: tuple) -> dict:
+    """An op's inputs (as ``setup_context`` gets them, defaults filled in) by argument name."""
+    schema = getattr(torch.ops.openmsa, op).default._schema
+    return {a.name: x for a, x in zip(schema.arguments, inputs)}
+
+
+def _no_grads(ctx) -> tuple:
+    return (None,) * len(ctx.needs_input_grad)
+
+
 def _fresh(*xs):
     """Outputs in the layout the fakes give (contiguous); a no-op for the usual ones."""
     return tuple(x.contiguous() for x in xs)
@@ -162,7 +172,7 @@ def _indexer_topk_setup(ctx, inputs, output):
 
 
 def _indexer_topk_backward(ctx, _didx, _dlse):
-    return (None,) * 9
+    return _no_grads(ctx)
 
 
 torch.library.register_autograd("openmsa::indexer_topk", _indexer_topk_backward,
@@ -233,18 +243,19 @@ def _(grad_out, q, k, v, out, lse, topk_indices, cu_seqlens_q, cu_seqlens_k, blo
 
 
 def _sparse_attention_setup(ctx, inputs, output):
-    q, k, v, topk_indices, cu_q, cu_k, block_size, scale, deterministic, impl = inputs
+    a = _named("sparse_attention", inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, topk_indices, cu_q, cu_k, out, lse)
-    ctx.args = (block_size, scale, deterministic, impl)
+    ctx.save_for_backward(a["q"], a["k"], a["v"], a["topk_indices"], a["cu_seqlens_q"],
+                          a["cu_seqlens_k"], out, lse)
+    ctx.args = {n: a[n] for n in ("block_size", "scale", "deterministic", "impl")}
     ctx.mark_non_differentiable(lse)
 
 
 def _sparse_attention_grad(ctx, grad_out, _grad_lse):
     q, k, v, topk_indices, cu_q, cu_k, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.openmsa.sparse_attention_backward(
-        grad_out, q, k, v, out, lse, topk_indices, cu_q, cu_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * 7
+        grad_out, q, k, v, out, lse, topk_indices, cu_q, cu_k, **ctx.args)
+    return (dq, dk, dv) + _no_grads(ctx)[3:]
 
 
 torch.library.register_autograd("openmsa::sparse_attention", _sparse_attention_grad,
@@ -312,12 +323,12 @@ def _(grad, dqi, dki, qi_dtype, ki_dtype):
 
 
 def _indexer_kl_setup(ctx, inputs, output):
-    qi, ki, with_grad = inputs[2], inputs[3], inputs[14]
+    a = _named("indexer_kl_loss", inputs)
     loss, dqi, dki = output
     ctx.mark_non_differentiable(dqi, dki)
     ctx.save_for_backward(dqi, dki)
-    ctx.dtypes = (qi.dtype, ki.dtype)
-    ctx.with_grad = with_grad
+    ctx.dtypes = (a["qi"].dtype, a["ki"].dtype)
+    ctx.with_grad = a["with_grad"]
 
 
 def _indexer_kl_grad(ctx, grad, _ddqi, _ddki):
@@ -326,7 +337,7 @@ def _indexer_kl_grad(ctx, grad, _ddqi, _ddki):
                            "computed no gradients to go back through")
     dqi, dki = torch.ops.openmsa.indexer_kl_loss_backward(grad, *ctx.saved_tensors, *ctx.dtypes)
     need = ctx.needs_input_grad
-    return (None, None, dqi if need[2] else None, dki if need[3] else None) + (None,) * 12
+    return (None, None, dqi if need[2] else None, dki if need[3] else None) + _no_grads(ctx)[4:]
 
 
 torch.library.register_autograd("openmsa::indexer_kl_loss", _indexer_kl_grad,
