@@ -6,8 +6,9 @@ was expected. Nothing in this module modifies its inputs.
 
 Checks that need the *values* of ``cu_seqlens`` (start at 0, non-decreasing,
 Lq <= Lk, last entry = total) read them on the host. For CPU tensors that is free and
-always done; the reference backend needs the lengths on the host anyway. On CUDA tensors
-the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
+always done (outside torch.compile); the reference backend needs the lengths on the host
+anyway (under torch.compile its op reads and checks them: ``openmsa.library``). On CUDA
+tensors the Triton backend reads each distinct pair of cu_seqlens tensors once (one host read,
 remembered on the tensor object with its version counter), so the sixty layers of a
 step synchronise at most once and a step that builds new tensors is checked again. It
 skips the read while a CUDA graph is being captured, under torch.compile, and where the
@@ -230,6 +231,12 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
             f"{total_k} key rows; every sequence needs Lq <= Lk"
         )
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+    if torch.compiler.is_compiling():
+        # No host read in a traced graph: the reference op reads and checks the values
+        # itself (opaque to the compiler); the kernels get the sanitised copy.
+        if read_values:
+            return varlen
+        return Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k)
     if read_values or cu_seqlens_q.device.type == "cpu":
         return _check_values(varlen)
     if not _may_read_device_values():
@@ -417,6 +424,13 @@ def check_fragments(cu_seqlens_q, kv_start, kv_len, total_q: int, total_k: int,
         raise ValueError(f"kv_start/kv_len: total_q = {total_q} query rows but only total_k = "
                          f"{total_k} key rows; the fragment form needs total_q <= total_k")
     varlen = Varlen(cu_seqlens_q, None, total_q, total_k, kv_start=kv_start, kv_len=kv_len)
+    if torch.compiler.is_compiling():
+        # no host read in a traced graph (as in check_varlen): the reference op checks the
+        # values itself, the kernels get the sanitised copy
+        if read_values:
+            return varlen
+        cu_q, starts, lens = _sanitized_fragments(cu_seqlens_q, kv_start, kv_len, total_q, total_k)
+        return Varlen(cu_q, None, total_q, total_k, kv_start=starts, kv_len=lens)
     if read_values or device.type == "cpu":
         return _check_fragment_values(varlen)
     if not _may_read_device_values():

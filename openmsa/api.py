@@ -14,7 +14,9 @@ Query fragments over a shared KV (the fragment form of docs/spec.md section 3): 
 ``cu_seqlens_q`` and ``cu_seqlens_k=None``; several query sequences may use keys of one range.
 
 All arguments are validated before any work (``_validation``); bad input raises
-ValueError/TypeError naming the argument. No input is modified.
+ValueError/TypeError naming the argument. No input is modified. Then each function calls
+the ops ``torch.ops.openmsa.*`` (``openmsa.library``, which says which implementation
+runs), so that torch.compile traces these functions without a graph break.
 """
 
 from __future__ import annotations
@@ -22,10 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
-from ._backend import resolve, triton_op
-from .ops.attention.reference import sparse_attention_reference
-from .ops.indexer.reference import indexer_topk_reference
-from .ops.kl.reference import indexer_kl_reference
+from .library import require_triton, resolve
 
 __all__ = ["indexer_topk", "sparse_attention", "indexer_kl_loss", "msa_attention"]
 
@@ -126,16 +125,13 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
     impl = resolve("indexer_topk", backend, qi.device)
     varlen = V.check_varlen(cu_q, cu_k, qi.shape[0], ki.shape[0], qi.device,
                             read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
+    if impl == "triton":
+        require_triton("indexer_topk")
     with torch.no_grad():
-        if impl == "reference":
-            varlen = varlen.host()
-            idx, lse = indexer_topk_reference(qi, ki, varlen.cu_q, varlen.cu_k,
-                                              block_size=block_size, topk=topk, scale=scale,
-                                              kv_ranges=varlen.kv_ranges, **forced)
-        else:
-            idx, lse = triton_op("indexer_topk")(qi, ki, varlen, block_size=block_size,
-                                                  topk=topk, scale=scale, deterministic=deterministic,
-                                                  **forced)
+        idx, lse = torch.ops.openmsa.indexer_topk(
+            qi, ki, varlen.cu_seqlens_q, varlen.cu_seqlens_k, block_size=block_size, topk=topk,
+            scale=scale, deterministic=deterministic, **forced, kv_start=varlen.kv_start,
+            kv_len=varlen.kv_len, impl=impl)
     return _unflatten_rows(idx, batched, 1), _unflatten_rows(lse, batched, 1)
 
 
@@ -187,14 +183,13 @@ def sparse_attention(q, k, v, topk_indices, cu_seqlens_q=None, cu_seqlens_k=None
     impl = resolve(op, backend, q.device)
     varlen = V.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], q.device,
                             read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
-    if impl == "reference":
-        varlen = varlen.host()
-        out, lse = sparse_attention_reference(q, k, v, topk_indices, varlen.cu_q, varlen.cu_k,
-                                              block_size=block_size, scale=scale,
-                                              kv_ranges=varlen.kv_ranges)
-    else:
-        out, lse = triton_op(op)(q, k, v, topk_indices, varlen, block_size=block_size,
-                                 scale=scale, deterministic=deterministic)
+    if impl == "triton":
+        require_triton(op)
+    out, lse = torch.ops.openmsa.sparse_attention(
+        q, k, v, topk_indices, varlen.cu_seqlens_q, varlen.cu_seqlens_k, block_size=block_size,
+        scale=scale, deterministic=deterministic, kv_start=varlen.kv_start, kv_len=varlen.kv_len,
+        impl=impl)
+    lse = lse.float()  # the reference's float64 LSE of float64 inputs (kept for its backward)
     return _unflatten_rows(out, batched, 0), _unflatten_rows(lse, batched, 0)
 
 
@@ -254,15 +249,15 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
                             read_values=impl == "reference", kv_start=kv_start, kv_len=kv_len)
     lse = None if lse is None else lse.detach()
     index_lse = None if index_lse is None else index_lse.detach()
-    if impl == "reference":
-        varlen = varlen.host()
-        return indexer_kl_reference(q, k, qi, ki, topk_indices, varlen.cu_q, varlen.cu_k,
-                                    block_size=block_size, scale=scale, scale_i=scale_i,
-                                    coeff=coeff, lse=lse, index_lse=index_lse,
-                                    kv_ranges=varlen.kv_ranges)
-    return triton_op("indexer_kl_loss")(q, k, qi, ki, topk_indices, varlen, block_size=block_size,
-                                         scale=scale, scale_i=scale_i, coeff=coeff, lse=lse,
-                                         index_lse=index_lse, deterministic=deterministic)
+    if impl == "triton":
+        require_triton("indexer_kl_loss")
+    with_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    loss, _, _ = torch.ops.openmsa.indexer_kl_loss(
+        q.detach(), k.detach(), qi, ki, topk_indices, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
+        lse=lse, index_lse=index_lse, block_size=block_size, scale=scale, index_scale=scale_i,
+        coeff=coeff, deterministic=deterministic, with_grad=with_grad, kv_start=varlen.kv_start,
+        kv_len=varlen.kv_len, impl=impl)
+    return loss
 
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128,
@@ -300,7 +295,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
                    kv_start=kv_start, kv_len=kv_len)
     if backend == "triton":  # fail before any work if a stage has no kernels yet
         for op in stages:
-            triton_op(op)
+            require_triton(op)
     kw = dict(block_size=block_size, backend=backend, kv_start=kv_start, kv_len=kv_len)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic,

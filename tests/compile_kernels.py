@@ -93,10 +93,10 @@ def run_ops(compiler: Compiler) -> None:
         import importlib
         return getattr(importlib.import_module(module), name)
 
-    import openmsa.serving.append as append
+    from openmsa import library
 
-    _backend._load = append._load = load
-    _backend._upcast_bf16 = lambda x: x  # bfloat16 reaches the kernels, as on a GPU
+    _backend._load = library._load = load
+    library._upcast_bf16 = lambda x: x  # bfloat16 reaches the kernels, as on a GPU
 
     gen = torch.Generator().manual_seed(0)
     realistic, small = (64, 4, 128, 128, 16, [700, 1500]), (8, 2, 64, 64, 4, [90, 300])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import openmsa
-from openmsa._backend import TRITON_OPS
+from openmsa.library import TRITON_KERNELS
 from openmsa.bench.cost_model import MSAConfig
 from openmsa.bench.gpu import bench, flex_block_mask, flops, random_topk, rotation
 
@@ -61,7 +61,7 @@ def run_context(n, cfg, args, dev):
               + (f"  {res['tflops']:7.1f} TFLOP/s" if useful else ""), flush=True)
 
     runs = args.runs if n <= 131072 else max(3, args.runs // 4)
-    if "indexer_topk" in TRITON_OPS:
+    if "indexer_topk" in TRITON_KERNELS:
         record("openmsa indexer_topk", safe_bench(lambda i: lambda: openmsa.indexer_topk(
             sets[i % len(sets)]["qi"], sets[i % len(sets)]["ki"], cu, cu), len(sets), runs=runs), f["index"])
     record("openmsa sparse_attention fwd", safe_bench(lambda i: lambda: openmsa.sparse_attention(

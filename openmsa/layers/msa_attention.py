@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _validation as V
-from .._backend import resolve
+from ..library import resolve
 from ..ops.utils.shapes import all_stages_support
 from ..api import indexer_kl_loss, msa_attention, sparse_attention
 from ..distributed.cp import cp_plan, dense_attention_cp, msa_attention_cp
@@ -204,11 +204,12 @@ class MSAttention(IndexBranchMixin, nn.Module):
     and stores the KL (a float32 scalar; float64 for a float64 layer) in ``self.kl_loss``.
     The packed form reads cu_seqlens on the host (to check them and derive RoPE
     positions): pass ``positions`` and use the batched form, or call the ops directly,
-    where a CUDA graph must capture the layer. x must have the parameters' dtype (under
-    ``torch.autocast`` any of float16 / bfloat16 / float32); ``positions`` ``[total]`` or
-    ``[batch, seqlen]`` is an integer tensor. Empty input (batch 0, seqlen 0, an empty
-    pack) gives an empty output and ``kl_loss`` = 0, through which backward runs (zero
-    gradients).
+    where a CUDA graph must capture the layer. ``torch.compile`` traces either form
+    without a graph break (the value checks are then skipped, as in the ops). x must have
+    the parameters' dtype (under ``torch.autocast`` any of float16 / bfloat16 / float32);
+    ``positions`` ``[total]`` or ``[batch, seqlen]`` is an integer tensor. Empty input
+    (batch 0, seqlen 0, an empty pack) gives an empty output and ``kl_loss`` = 0, through
+    which backward runs (zero gradients).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim=None, *,
@@ -302,11 +303,11 @@ class MSAttention(IndexBranchMixin, nn.Module):
             raise ValueError("cu_seqlens must have at least one entry (the leading 0)")
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens must be on {x.device} like x, got {cu_seqlens.device}")
-        if cu_seqlens.device.type == "cpu":
+        if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
             V._check_cu_values("cu_seqlens", tuple(cu_seqlens.tolist()), x.shape[0], "x.shape[0]")
             return cu_seqlens
-        # On a GPU the ops' rule: read once per tensor, or a sanitised copy where no host
-        # read is allowed (capture, compile, value_checks(False)).
+        # On a GPU (and under torch.compile) the ops' rule: read once per tensor, or a
+        # sanitised copy where no host read is allowed (capture, compile, value_checks(False)).
         return V.check_varlen(cu_seqlens, cu_seqlens, x.shape[0], x.shape[0], x.device,
                               read_values=False).cu_seqlens_q
 

@@ -8,7 +8,7 @@ import torch
 import triton.language as tl  # names in the kernel source; importing decorates nothing
 
 from .. import _validation as V
-from .._backend import _load
+from ..library import resolve
 from .checks import _check_append, _check_slot_values, _want_check
 
 __all__ = ["append_paged_kv"]
@@ -35,20 +35,12 @@ def append_paged_kv(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, *, backe
     """
     backend = V.check_backend(backend)
     num_pages, page_size = _check_append(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping)
-    # Not _backend.resolve: "auto" there picks Triton only for ops registered in its table.
-    impl = backend if backend != "auto" else (
-        "triton" if k_cache.device.type == "cuda" else "reference")
+    impl = resolve("append_paged_kv", backend, k_cache.device)
     num_slots = num_pages * page_size
     # The reference syncs anyway (boolean indexing), so it always checks unless told not to.
     if (impl == "reference" and check is None) or _want_check(check, k_cache.device):
         _check_slot_values(slot_mapping, num_slots)
-    if k.shape[0] == 0:
-        return
-    if impl == "reference":
-        _append_reference(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, page_size, num_slots)
-    else:
-        _load("openmsa.serving.append:_append_triton", k_cache.device)(
-            k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, page_size, num_slots)
+    torch.ops.openmsa.append_paged_kv(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, impl)
 
 
 def _append_reference(k, v, ki, k_cache, v_cache, ki_cache, slots, page_size, num_slots):
@@ -66,10 +58,10 @@ def _append_reference(k, v, ki, k_cache, v_cache, ki_cache, slots, page_size, nu
 
 
 # --------------------------------------------------------------------------- Triton kernel
-# The kernel is written as a plain function and handed to triton.jit on first use (via
-# ``_backend._load``): Triton decides at decoration time whether a kernel is compiled or
-# interpreted, so decorating at import would freeze that choice before the backend has
-# set TRITON_INTERPRET for CPU tensors.
+# The kernel is written as a plain function and handed to triton.jit on first use (the op
+# openmsa::append_paged_kv loads this launcher through ``_backend._load``): Triton decides
+# at decoration time whether a kernel is compiled or interpreted, so decorating at import
+# would freeze that choice before the backend has set TRITON_INTERPRET for CPU tensors.
 
 def _append_kernel_src(
     K, V, KI, K_CACHE, V_CACHE, KI_CACHE, SLOTS,
@@ -120,7 +112,7 @@ _append_kernel = None
 
 
 def _append_triton(k, v, ki, k_cache, v_cache, ki_cache, slots, page_size, num_slots):
-    """Launcher (reached through ``_backend._load``). No allocation, no host read."""
+    """Launcher (of the op openmsa::append_paged_kv). No allocation, no host read."""
     global _append_kernel
     import triton
 

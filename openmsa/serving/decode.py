@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import _backend
+from .. import _backend, library  # noqa: F401 (library: the ops torch.ops.openmsa.decode_*)
 from ..ops.utils.configs import launch_config
 from ..ops.utils.tiles import LOG2E
 from .checks import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
@@ -271,57 +271,89 @@ class MSADecodeWrapper:
 
     def _topk(self, qi, ki_cache, ki_scale=None):
         p = self._plan
-        topk_idx = p["topk"]
-        if p["total_q"] == 0:
-            return topk_idx
-        kern = _kernels(p["device"])
-        hkv, bs, topk, kpad, nsplit = self.num_kv_heads, self.block_size, self.topk, p["kpad"], p["idx_splits"]
-        scan = p["scan"]
-        if nsplit > _MERGE_GROUP:
-            group, ngroups = _MERGE_GROUP, -(-nsplit // _MERGE_GROUP)
-        else:
-            group, ngroups = triton.next_power_of_2(nsplit), 1
-        groups_pad = triton.next_power_of_2(ngroups)
-        kern["decode_topk_split_kernel"][(p["batch"], nsplit)](
-            qi, ki_cache, p["page_table"], p["cu_q"], p["kv_lens"], p["cand"], p["cand2"], p["counts"],
-            topk_idx, p["pages_per_split"], ki_scale if ki_scale is not None else p["pages_per_split"],
-            self.index_softmax_scale, nsplit, ki_cache.shape[0],
-            qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), p["page_table"].stride(0),
-            ki_scale.stride(0) if ki_scale is not None else 0, topk_idx.stride(0), topk_idx.stride(1),
-            HKV=hkv, QMAX=max(1, p["qmax"]), ROWS=p["rows"], BLOCK=bs, DI=self.index_head_dim,
-            TOPK=topk, KPAD=kpad, KOUT=triton.next_power_of_2(topk),
-            PAGES=scan["pages_fp8" if ki_scale is not None else "pages"],
-            GROUP=group, LOG2_GROUP=group.bit_length() - 1, NUM_GROUPS=ngroups,
-            GROUPS_PAD=groups_pad, LOG2_GROUPS=groups_pad.bit_length() - 1, RCHUNK=min(p["rows"], 16),
-            DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-            NAN_MAX_REDUCE=p["device"].type != "cpu", KI_FP8=ki_scale is not None,
-            INIT_BLOCKS=self.init_blocks, LOCAL_BLOCKS=self.local_blocks,
-            num_warps=scan["warps"], num_stages=scan["stages"])
-        return topk_idx
+        if p["total_q"] > 0:
+            torch.ops.openmsa.decode_topk(*self._topk_op_args(qi, ki_cache, ki_scale))
+        return p["topk"]
+
+    def _topk_op_args(self, qi, ki_cache, ki_scale=None) -> tuple:
+        """The arguments of the op openmsa::decode_topk for this plan (its outputs: the
+        plan's candidate, count and topk buffers)."""
+        p, scan = self._plan, self._plan["scan"]
+        return (qi, ki_cache, ki_scale, p["page_table"], p["cu_q"], p["kv_lens"], p["pages_per_split"],
+                p["cand"], p["cand2"], p["counts"], p["topk"], self.index_softmax_scale, max(1, p["qmax"]),
+                p["rows"], p["kpad"], p["idx_splits"], scan["pages_fp8" if ki_scale is not None else "pages"],
+                scan["warps"], scan["stages"], self.init_blocks, self.local_blocks, "triton")
 
     def _attend(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0):
         p = self._plan
-        out, lse = p["out"], p["lse"]
-        total_q = p["total_q"]
-        if total_q == 0:
-            return out, lse
-        kern = _kernels(p["device"])
-        hkv, g, g_pad = self.num_kv_heads, self.num_heads // self.num_kv_heads, p["g_pad"]
-        bs, topk, asplit = self.block_size, self.topk, p["attn_splits"]
-        nsp = triton.next_power_of_2(asplit)
-        kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
-            q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
-            out, lse, p["part_o"], p["part_lse"], p["attn_counts"],
-            self.softmax_scale * k_scale * LOG2E.value, float(v_scale), -(-topk // asplit), asplit, hkv,
-            min(k_cache.shape[0], v_cache.shape[0]),
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            topk_idx.stride(0), topk_idx.stride(1), p["page_table"].stride(0),
-            out.stride(0), out.stride(1), lse.stride(0),
-            G=g, G_PAD=g_pad, BLOCK=bs, D=self.head_dim, TOPK=topk,
-            KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, NSPLIT_PAD=nsp,
-            # the combine's [nsp, HC, D] tile: ~32 floats a thread
-            HC=max(1, min(g_pad, 4096 // (nsp * self.head_dim))),
-            IEEE=q.dtype == torch.float32, KV_FP8=k_cache.dtype == FP8,
-            num_warps=4, num_stages=2)
-        return out, lse
+        if p["total_q"] > 0:
+            torch.ops.openmsa.decode_attention(
+                *self._attention_op_args(q, k_cache, v_cache, topk_idx, k_scale, v_scale))
+        return p["out"], p["lse"]
+
+    def _attention_op_args(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0) -> tuple:
+        """The arguments of the op openmsa::decode_attention for this plan (its outputs: the
+        plan's out, lse, partial and count buffers)."""
+        p = self._plan
+        return (q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
+                p["out"], p["lse"], p["part_o"], p["part_lse"], p["attn_counts"], self.softmax_scale,
+                float(k_scale), float(v_scale), p["g_pad"], p["attn_splits"], "triton")
+
+
+# --------------------------------------------------------------------------- launchers
+# Reached through the ops openmsa::decode_topk / openmsa::decode_attention (openmsa.library).
+
+def launch_decode_topk(qi, ki_cache, ki_scale, page_table, cu_q, kv_lens, pages_per_split, cand, cand2,
+                       counts, topk_idx, *, index_scale, max_q, rows, kpad, index_splits, pages,
+                       num_warps, num_stages, init_blocks, local_blocks):
+    """Split index scan of every request's pages; the last split to finish merges the
+    splits' lists into topk_idx (decode_kernels)."""
+    kern = _kernels(qi.device)
+    batch, hkv, di = page_table.shape[0], qi.shape[1], qi.shape[2]
+    bs, topk, nsplit = ki_cache.shape[1], topk_idx.shape[2], index_splits
+    if nsplit > _MERGE_GROUP:
+        group, ngroups = _MERGE_GROUP, -(-nsplit // _MERGE_GROUP)
+    else:
+        group, ngroups = triton.next_power_of_2(nsplit), 1
+    groups_pad = triton.next_power_of_2(ngroups)
+    kern["decode_topk_split_kernel"][(batch, nsplit)](
+        qi, ki_cache, page_table, cu_q, kv_lens, cand, cand2, counts, topk_idx, pages_per_split,
+        ki_scale if ki_scale is not None else pages_per_split,
+        index_scale, nsplit, ki_cache.shape[0],
+        qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), page_table.stride(0),
+        ki_scale.stride(0) if ki_scale is not None else 0, topk_idx.stride(0), topk_idx.stride(1),
+        HKV=hkv, QMAX=max_q, ROWS=rows, BLOCK=bs, DI=di, TOPK=topk, KPAD=kpad,
+        KOUT=triton.next_power_of_2(topk), PAGES=pages,
+        GROUP=group, LOG2_GROUP=group.bit_length() - 1, NUM_GROUPS=ngroups,
+        GROUPS_PAD=groups_pad, LOG2_GROUPS=groups_pad.bit_length() - 1, RCHUNK=min(rows, 16),
+        DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
+        NAN_MAX_REDUCE=qi.device.type != "cpu", KI_FP8=ki_scale is not None,
+        INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_decode_attention(q, k_cache, v_cache, topk_idx, page_table, row_seq, row_pos, kv_lens, out,
+                            lse, part_o, part_lse, counts, *, scale, k_scale, v_scale, g_pad,
+                            attention_splits):
+    """Split sparse attention over the selected pages into out / lse (with several splits,
+    the last split of each (token, group) to finish combines them)."""
+    kern = _kernels(q.device)
+    total_q, hq, d = q.shape
+    hkv, bs, topk, asplit = k_cache.shape[2], k_cache.shape[1], topk_idx.shape[2], attention_splits
+    g = hq // hkv
+    nsp = triton.next_power_of_2(asplit)
+    kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
+        q, k_cache, v_cache, topk_idx, page_table, row_seq, row_pos, kv_lens,
+        out, lse, part_o, part_lse, counts,
+        scale * k_scale * LOG2E.value, float(v_scale), -(-topk // asplit), asplit, hkv,
+        min(k_cache.shape[0], v_cache.shape[0]),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        topk_idx.stride(0), topk_idx.stride(1), page_table.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0),
+        G=g, G_PAD=g_pad, BLOCK=bs, D=d, TOPK=topk,
+        KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, NSPLIT_PAD=nsp,
+        # the combine's [nsp, HC, D] tile: ~32 floats a thread
+        HC=max(1, min(g_pad, 4096 // (nsp * d))),
+        IEEE=q.dtype == torch.float32, KV_FP8=k_cache.dtype == FP8,
+        num_warps=4, num_stages=2)

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, library  # noqa: F401 (library: the op torch.ops.openmsa.prefill)
 from ..ops.utils.shapes import SUPPORTED
-from .._validation import Varlen
 from .checks import check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
 
@@ -86,7 +85,7 @@ class MSAPrefillWrapper:
         # Upper bound on the blocks of all requests (the CSR key space), from the page-table
         # width so that a re-plan with the same shapes keeps a captured graph valid.
         p["num_blocks_bound"] = batch * page_table.shape[1] + 1
-        p["varlen"] = Varlen(p["cu_q"], p["cu_k"], total_q, cu_k[-1].item())
+        p["total_k"] = int(cu_k[-1])
         p["lens"], p["max_page"] = lens, max_page
         self._plan = p
 
@@ -122,13 +121,29 @@ class MSAPrefillWrapper:
         if p["total_q"] == 0:
             return (p["out"], p["lse"], p["topk"]) if return_lse else (p["out"], p["topk"])
         p["page_table"].clamp_(0, num_pages - 1)  # memory safety whatever the buffer holds
-        indexer = _backend._load("openmsa.ops.indexer.triton_impl:indexer_topk_triton", p["device"])
-        attention = _backend._load("openmsa.ops.attention.triton_impl:sparse_attention_forward", p["device"])
-        topk_idx, _ = indexer(qi, ki_cache, p["varlen"], block_size=bs, topk=self.topk,
-                              scale=self.index_softmax_scale, deterministic=self.deterministic,
-                              page_table=p["page_table"], out=p["topk"], with_lse=False,
-                              init_blocks=self.init_blocks, local_blocks=self.local_blocks)
-        out, lse = attention(q, k_cache, v_cache, topk_idx, p["varlen"], bs, self.softmax_scale,
-                             page_table=p["page_table"], num_blocks_bound=p["num_blocks_bound"],
-                             out=p["out"], lse=p["lse"])
+        torch.ops.openmsa.prefill(*self._op_args(q, qi, k_cache, v_cache, ki_cache))
+        out, lse, topk_idx = p["out"], p["lse"], p["topk"]
         return (out, lse, topk_idx) if return_lse else (out, topk_idx)
+
+    def _op_args(self, q, qi, k_cache, v_cache, ki_cache) -> tuple:
+        """The arguments of the op openmsa::prefill for this plan (its outputs: the plan's
+        topk, out and lse buffers)."""
+        p = self._plan
+        return (q, qi, k_cache, v_cache, ki_cache, p["cu_q"], p["cu_k"], p["page_table"], p["topk"],
+                p["out"], p["lse"], p["total_k"], p["num_blocks_bound"], self.softmax_scale,
+                self.index_softmax_scale, self.deterministic, self.init_blocks, self.local_blocks,
+                "triton")
+
+
+def launch_prefill(q, qi, k_cache, v_cache, ki_cache, varlen, page_table, topk_idx, out, lse, *,
+                   num_blocks_bound, scale, index_scale, deterministic, init_blocks, local_blocks):
+    """The paged Index Branch into topk_idx, then the paged sparse attention forward into out, lse
+    (reached through the op openmsa::prefill, openmsa.library)."""
+    indexer = _backend._load("openmsa.ops.indexer.triton_impl:indexer_topk_triton", q.device)
+    attention = _backend._load("openmsa.ops.attention.triton_impl:sparse_attention_forward", q.device)
+    bs = k_cache.shape[1]
+    indexer(qi, ki_cache, varlen, block_size=bs, topk=topk_idx.shape[2], scale=index_scale,
+            deterministic=deterministic, page_table=page_table, out=topk_idx, with_lse=False,
+            init_blocks=init_blocks, local_blocks=local_blocks)
+    attention(q, k_cache, v_cache, topk_idx, varlen, bs, scale, page_table=page_table,
+              num_blocks_bound=num_blocks_bound, out=out, lse=lse)

@@ -23,8 +23,7 @@ import pytest
 import torch
 
 import openmsa
-from openmsa import _backend
-from openmsa import api as _api
+from openmsa import library
 
 # Tiny, valid packed problem: 2 sequences, Lq = (4, 8), Lk = (6, 10).
 HQ, HKV, D, DI = 4, 2, 8, 8
@@ -48,7 +47,7 @@ BASE_TENSORS = {
     "indexer_kl_loss": ("q", "k", "qi", "ki", "topk_indices", "cu_seqlens_q", "cu_seqlens_k"),
     "msa_attention": ("q", "k", "v", "qi", "ki", "cu_seqlens_q", "cu_seqlens_k"),
 }
-# The ops (keys of openmsa._backend.TRITON_OPS) each function dispatches to.
+# The ops (keys of openmsa.library.TRITON_KERNELS) each function dispatches to.
 TRITON_OP_NAMES = {
     "indexer_topk": ("indexer_topk",),
     "sparse_attention": ("sparse_attention",),
@@ -299,18 +298,19 @@ def _params(filter_case=lambda c: True, extra_marks=lambda c, fn: ()):
 
 
 class RefSpy:
-    """Records calls of the reference implementations that openmsa.api dispatches to."""
+    """Records calls of the reference implementations that the ops of openmsa.library
+    (which openmsa.api calls) dispatch to."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for attr in ("indexer_topk_reference", "sparse_attention_reference", "indexer_kl_reference"):
-            real = getattr(_api, attr)
+        for attr in ("indexer_topk_reference", "attention_forward", "kl_forward"):
+            real = getattr(library, attr)
 
             def spy(*a, _real=real, _attr=attr, **kw):
                 self.calls.append(_attr)
                 return _real(*a, **kw)
 
-            monkeypatch.setattr(_api, attr, spy)
+            monkeypatch.setattr(library, attr, spy)
 
 
 @pytest.fixture
@@ -358,7 +358,7 @@ def test_bad_input_raises_naming_the_argument(fn_name, case, ref_spy):
 def test_bad_input_fails_validation_before_backend_dispatch(fn_name, case, monkeypatch, ref_spy):
     """backend='triton' without registered kernels: validation must still win over the
     NotImplementedError of the missing backend (no Triton op is registered here)."""
-    monkeypatch.setattr(_backend, "TRITON_OPS", {})
+    monkeypatch.setattr(library, "TRITON_KERNELS", {})
     g = good_inputs()
     args = call_args(fn_name, g, case.build(g))
     args["backend"] = "triton"
@@ -385,7 +385,7 @@ def test_bad_input_never_reaches_a_kernel(fn_name, case, monkeypatch, ref_spy):
 
     ops = {n: fake_kernel(n) for n in ("indexer_topk", "sparse_attention", "dense_attention",
                                        "indexer_kl_loss")}
-    monkeypatch.setattr(_backend, "TRITON_OPS", ops)
+    monkeypatch.setattr(library, "TRITON_KERNELS", ops)
     g = good_inputs()
     args = call_args(fn_name, g, case.build(g))
     args["backend"] = "triton"
@@ -406,7 +406,7 @@ def test_triton_backend_on_cpu_not_implemented_yet(fn_name, dense, ref_spy):
     ops = TRITON_OP_NAMES[fn_name]
     if dense:
         ops = tuple("dense_attention" if o == "sparse_attention" else o for o in ops)
-    if all(op in _backend.TRITON_OPS for op in ops):
+    if all(op in library.TRITON_KERNELS for op in ops):
         pytest.skip(f"Triton kernels registered for {ops}")
     g = good_inputs()
     args = call_args(fn_name, g, {"backend": "triton"})
@@ -416,7 +416,7 @@ def test_triton_backend_on_cpu_not_implemented_yet(fn_name, dense, ref_spy):
     with pytest.raises(NotImplementedError, match="Triton"):
         FNS[fn_name](**args)
     assert_unchanged(args, snap)
-    if ops[0] not in _backend.TRITON_OPS:
+    if ops[0] not in library.TRITON_KERNELS:
         assert ref_spy.calls == []
 
 

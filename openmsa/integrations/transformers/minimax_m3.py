@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from ... import _validation as V
-from ..._backend import resolve
+from ...library import resolve
 from ...api import indexer_kl_loss, indexer_topk, sparse_attention
 from ...layers.msa_attention import MODES, IndexBranchMixin, check_input_dtype, dense_warmup_attention
 from ...ops.utils.shapes import SUPPORTED

@@ -1,66 +1,41 @@
-"""Autograd Functions and entry points of the Triton sparse attention (launch.py) and of
-the dense warmup attention through the same kernels (dense.py)."""
+"""Entry points of the Triton sparse attention (launch.py) and of the dense warmup attention
+through the same kernels (dense.py), forward and backward. ``openmsa.library`` registers
+them, with their autograd, as the ops ``openmsa::sparse_attention`` and
+``openmsa::sparse_attention_backward``."""
 
 from __future__ import annotations
-
-import torch
 
 from .dense import dense_attention_backward, dense_attention_forward
 from .launch import check_supported, sparse_attention_backward, sparse_attention_forward
 
 
-class SparseAttentionTriton(torch.autograd.Function):
-    """Forward and backward through the KV-outer kernels."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, topk_indices, varlen, block_size, scale, deterministic):
-        out, lse = sparse_attention_forward(q, k, v, topk_indices, varlen, block_size, scale)
-        ctx.save_for_backward(q, k, v, topk_indices, out, lse)
-        ctx.args = (varlen, block_size, scale, deterministic)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, topk_indices, out, lse = ctx.saved_tensors
-        varlen, block_size, scale, deterministic = ctx.args
-        dq, dk, dv = sparse_attention_backward(do, q, k, v, out, lse, topk_indices, varlen,
-                                               block_size, scale, deterministic)
-        return dq, dk, dv, None, None, None, None, None
+def _last_dim_contiguous(*xs):
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
 
 
-class DenseAttentionTriton(torch.autograd.Function):
-    """Dense causal attention through the same kernels, a chunk of blocks at a time (dense.py)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, varlen, block_size, scale, deterministic):
-        out, lse = dense_attention_forward(q, k, v, varlen, block_size, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (varlen, block_size, scale, deterministic)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        varlen, block_size, scale, deterministic = ctx.args
-        dq, dk, dv = dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale,
-                                              deterministic)
-        return dq, dk, dv, None, None, None, None
+def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale):
+    """(out like q, lse float32 [total_q, Hq]) over the blocks of ``topk_indices``."""
+    check_supported(q, block_size)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return sparse_attention_forward(q, k, v, topk_indices.contiguous(), varlen, block_size, scale)
 
 
-def dense_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale, deterministic=False):
+def sparse_attention_backward_triton(do, q, k, v, out, lse, topk_indices, varlen, *, block_size,
+                                     scale, deterministic=False):
+    """(dq, dk, dv) like q, k, v. ``deterministic``: no float atomics (sparse_attention_backward)."""
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return sparse_attention_backward(do, q, k, v, out, lse, topk_indices.contiguous(), varlen,
+                                     block_size, scale, deterministic)
+
+
+def dense_attention_triton(q, k, v, varlen, *, block_size, scale):
     """``sparse_attention(..., topk_indices=None)``: every visible token (docs/spec.md section 6 warmup)."""
-    if topk_indices is not None:
-        raise ValueError("dense_attention_triton takes topk_indices=None")
     check_supported(q, block_size)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return DenseAttentionTriton.apply(q, k, v, varlen, block_size, scale, deterministic)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return dense_attention_forward(q, k, v, varlen, block_size, scale)
 
 
-def sparse_attention_triton(q, k, v, topk_indices, varlen, *, block_size, scale, deterministic=False):
-    """``deterministic``: the backward without float atomics (sparse_attention_backward)."""
-    check_supported(q, block_size)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return SparseAttentionTriton.apply(q, k, v, topk_indices.contiguous(), varlen, block_size, scale,
-                                       deterministic)
+def dense_attention_backward_triton(do, q, k, v, out, lse, varlen, *, block_size, scale,
+                                    deterministic=False):
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return dense_attention_backward(do, q, k, v, out, lse, varlen, block_size, scale, deterministic)
