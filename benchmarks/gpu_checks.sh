@@ -8,10 +8,18 @@
 #  deterministic  benchmarks/bench_deterministic.py (32K, 128K)  -> deterministic.{json,md}
 #  decode         benchmarks/bench_decode.py, the README's rows        -> decode.{json,md}
 #  training       benchmarks/bench_training.py at 32K, sparse ops only (log only)
+#  m3             benchmarks/bench_m3.py (MiniMax-M3 in transformers: openmsa vs its own path) -> m3/
+# Python packages the GPU image lacks or has too old (it cannot download) come as wheels
+# under .whl/ (e.g. `pip download --no-deps transformers==5.25.0 -d .whl`, passed with the
+# device tool's carry): they are unpacked to /tmp/openmsa_wheels, ahead on PYTHONPATH.
 # The benchmarks' output goes to bench.log.
 set -o pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --target /tmp/openmsa_wheels .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/openmsa_wheels:$PYTHONPATH
+fi
 STEPS=${STEPS:-tests sanitizer}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
@@ -51,6 +59,9 @@ for step in $STEPS; do
       timeout ${DEC_TIMEOUT:-100} python3 benchmarks/bench_decode.py --out "$OUT" \
         ${DEC_ARGS:---batches 1 8 64 --contexts 131072 1048576 --q 1 8 --fp8 none index} 2>&1 \
         | tee -a "$OUT/bench.log" | tail -30 ;;
+    m3)
+      timeout ${M3_TIMEOUT:-240} python3 benchmarks/bench_m3.py --out "$OUT/m3" 2>&1 \
+        | tee -a "$OUT/bench.log" | tail -20 ;;
     training)
       timeout ${TRAIN_TIMEOUT:-60} python3 benchmarks/bench_training.py --contexts 32768 \
         --max-flex 0 --max-dense 0 --out /tmp/training 2>&1 | tee -a "$OUT/bench.log" | tail -12 ;;

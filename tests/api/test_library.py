@@ -33,8 +33,8 @@ def _indices(hkv, block_size, topk):
     return idx
 
 
-def check(op, args):
-    results = opcheck(op, args)
+def check(op, args, kwargs=None):
+    results = opcheck(op, args, kwargs)
     assert set(results.values()) == {"SUCCESS"}, results
 
 
@@ -51,7 +51,12 @@ def test_every_op_is_checked():
 def test_opcheck_indexer_topk(impl):
     # the kernel's smallest block is 64: keys of 2 and 1 + a partial block
     qi, ki = torch.randn(8, 2, 64), torch.randn(220, 1, 64)
-    check(OPS.indexer_topk.default, (qi, ki, CU_Q, cu(0, 150, 220), 64, 2, 0.125, True, impl))
+    check(OPS.indexer_topk.default, (qi, ki, CU_Q, cu(0, 150, 220), 64, 2, 0.125, True), dict(impl=impl))
+    # forced blocks; the fragment form (the second sequence's keys as two overlapping ranges)
+    check(OPS.indexer_topk.default, (qi, ki, CU_Q, cu(0, 150, 220), 64, 4, 0.125, True),
+          dict(init_blocks=1, local_blocks=2, impl=impl))
+    check(OPS.indexer_topk.default, (qi, ki, CU_Q, None, 64, 2, 0.125, True),
+          dict(kv_start=cu(150, 150), kv_len=cu(40, 70), impl=impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -60,12 +65,20 @@ def test_opcheck_sparse_attention(impl, dense):
     q = torch.randn(8, 4, 16, requires_grad=True)
     k, v = (torch.randn(45, 2, 16, requires_grad=True) for _ in range(2))
     idx = None if dense else _indices(2, 16, 2)
-    check(OPS.sparse_attention.default, (q, k, v, idx, CU_Q, CU_K, 16, 0.25, False, impl))
+    check(OPS.sparse_attention.default, (q, k, v, idx, CU_Q, CU_K, 16, 0.25, False), dict(impl=impl))
     out, lse = OPS.sparse_attention(q.detach(), k.detach(), v.detach(), idx, CU_Q, CU_K, 16, 0.25,
-                                    False, impl)
+                                    False, impl=impl)
     check(OPS.sparse_attention_backward.default,
           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, idx, CU_Q, CU_K,
-           16, 0.25, True, impl))
+           16, 0.25, True), dict(impl=impl))
+    # the fragment form: the second sequence's keys as the ranges of both query sequences
+    frag = dict(kv_start=cu(20, 20), kv_len=cu(12, 25), impl=impl)
+    check(OPS.sparse_attention.default, (q, k, v, idx, CU_Q, None, 16, 0.25, False), frag)
+    out, lse = OPS.sparse_attention(q.detach(), k.detach(), v.detach(), idx, CU_Q, None, 16, 0.25,
+                                    False, **frag)
+    check(OPS.sparse_attention_backward.default,
+          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, idx, CU_Q, None,
+           16, 0.25, True), frag)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -76,11 +89,14 @@ def test_opcheck_indexer_kl_loss(impl, dense):
     ki = torch.randn(45, 1, 32, requires_grad=True)
     idx = None if dense else _indices(2, 16, 2)
     lse = None if dense else OPS.sparse_attention(q, k, k, idx, CU_Q, CU_K, 16, 0.2, False,
-                                                  "reference")[1]
+                                                  impl="reference")[1]
     for with_grad in (True, False):
         check(OPS.indexer_kl_loss.default,
               (q, k, qi if with_grad else qi.detach(), ki if with_grad else ki.detach(), idx, CU_Q,
-               CU_K, lse, None, 16, 0.2, 0.3, 1.5, True, with_grad, impl))
+               CU_K, lse, None, 16, 0.2, 0.3, 1.5, True, with_grad), dict(impl=impl))
+    check(OPS.indexer_kl_loss.default,  # the fragment form
+          (q, k, qi, ki, idx, CU_Q, None, None, None, 16, 0.2, 0.3, 1.5, True, True),
+          dict(kv_start=cu(20, 20), kv_len=cu(12, 25), impl=impl))
 
 
 def test_opcheck_indexer_kl_loss_backward():
@@ -97,7 +113,7 @@ def test_opcheck_append_paged_kv(impl, with_ki):
     pools = (torch.zeros(pages, bs, hkv, d), torch.zeros(pages, bs, hkv, d),
              torch.zeros(pages, bs, di) if with_ki else None)
     check(OPS.append_paged_kv.default,
-          (k, v, ki if with_ki else None, *pools, slots, impl))
+          (k, v, ki if with_ki else None, *pools, slots), dict(impl=impl))
 
 
 @pytest.mark.parametrize("plan_kw", [{}, dict(attention_splits=2, index_splits=20)])
@@ -130,15 +146,15 @@ def test_reference_ops_check_cu_seqlens_values(bad):
     cu_q, cu_k = bad
     q, k = torch.randn(8, 4, 16), torch.randn(45, 2, 16)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        OPS.sparse_attention(q, k, k, None, cu_q, cu_k, 16, 0.25, False, "reference")
+        OPS.sparse_attention(q, k, k, None, cu_q, cu_k, 16, 0.25, False, impl="reference")
     with pytest.raises(ValueError, match="cu_seqlens"):
-        OPS.indexer_topk(q[:, :2], k[:, :1], cu_q, cu_k, 16, 2, 0.25, False, "reference")
+        OPS.indexer_topk(q[:, :2], k[:, :1], cu_q, cu_k, 16, 2, 0.25, False, impl="reference")
 
 
 def test_unknown_impl_raises():
     q, k = torch.randn(8, 4, 16), torch.randn(45, 2, 16)
     with pytest.raises(ValueError, match="impl"):
-        OPS.sparse_attention(q, k, k, None, CU_Q, CU_K, 16, 0.25, False, "cuda")
+        OPS.sparse_attention(q, k, k, None, CU_Q, CU_K, 16, 0.25, False, impl="cuda")
 
 
 def test_resolve():
