@@ -114,6 +114,15 @@ def run_ops(compiler: Compiler) -> None:
             out, kl, _ = openmsa.msa_attention(q, k, v, qi, ki, cu, cu, block_size=bs, topk=topk,
                                                deterministic=det, backend="triton")
             (out.float().sum() + kl).backward()
+        # forced blocks; the fragment form (two query fragments of the first sequence)
+        openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, init_blocks=1, local_blocks=2,
+                             backend="triton")
+        n = lens[0]
+        cu_f = torch.tensor([0, n // 2, n], dtype=torch.int32)
+        kv_start, kv_len = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([n // 2, n], dtype=torch.int32)
+        out, kl, _ = openmsa.msa_attention(q[:n], k, v, qi[:n], ki, cu_f, None, block_size=bs, topk=topk,
+                                           kv_start=kv_start, kv_len=kv_len, backend="triton")
+        (out.float().sum() + kl).backward()
         out, _ = openmsa.sparse_attention(q, k, v, None, cu, cu, block_size=bs, backend="triton")
         out.float().sum().backward()
         kl = openmsa.indexer_kl_loss(q, k, qi, ki, None, cu, cu, block_size=bs, backend="triton")
@@ -143,6 +152,9 @@ def run_ops(compiler: Compiler) -> None:
     w.run(q, qi8, k8, v8, ki8, ki_scale=ksc, k_scale=0.5, v_scale=0.5)
     # more index splits than one merge group, several attention splits: the two-level merges
     w.plan(cu_q, kv, pt, index_splits=max_pages, attention_splits=4)
+    w.run(q, qi, kc, vc, kic)
+    w = MSADecodeWrapper(hq, hkv, d, d, block_size=bs, topk=topk, init_blocks=1, local_blocks=2)
+    w.plan(cu_q, kv, pt)
     w.run(q, qi, kc, vc, kic)
     p = MSAPrefillWrapper(hq, hkv, d, d, block_size=bs, topk=topk)
     p.plan(cu_q, kv, pt, dtype=bf)
