@@ -192,7 +192,10 @@ def test_gpu_inductor_with_triton_kernels(layout):
 @pytest.mark.gpu
 def test_gpu_inductor_msattention_layer():
     torch.manual_seed(3)
-    layer = openmsa.MSAttention(512, 8, 2, 64, index_head_dim=64, block_size=64, topk=8,
+    # topk = every block of the 1024 tokens: bf16 Inductor fuses RMSNorm / RoPE and rounds
+    # otherwise than eager, which could flip a near-tied selection; with every block kept
+    # the two differ by rounding only (the selection under compile: the op tests above)
+    layer = openmsa.MSAttention(512, 8, 2, 64, index_head_dim=64, block_size=64, topk=16,
                                 qk_norm=True).cuda().to(torch.bfloat16)
     eager = copy.deepcopy(layer)
     x = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16)

@@ -388,6 +388,15 @@ def test_gpu_kernels_match_transformers_at_m3_block_shapes(monkeypatch):
                            return_dict_in_generate=True)
     out_g = enabled.generate(ids[:, :600], do_sample=False, max_new_tokens=8, output_logits=True,
                              return_dict_in_generate=True)
-    assert torch.equal(out_g.sequences, out_w.sequences)
-    for a, b in zip(out_g.logits, out_w.logits):
+    # Greedy tokens equal step by step, up to the first step whose two best logits (of
+    # transformers' path) lie within bf16 rounding of each other (a stated bound: 5x the
+    # logits' tolerance, in units of the row's rms); from a legitimate flip on, the two
+    # generations continue from different prefixes, so the comparison stops there.
+    new_w, new_g = out_w.sequences[0, 600:], out_g.sequences[0, 600:]
+    for step, (a, b) in enumerate(zip(out_g.logits, out_w.logits)):
         assert rel(a.float(), b.float()) <= 2e-2
+        if new_g[step] != new_w[step]:
+            top2 = b.float()[0].topk(2).values
+            bound = 5 * 2e-2 * b.float()[0].square().mean().sqrt()
+            assert top2[0] - top2[1] <= bound, f"step {step}: a token flip without a near-tie"
+            break
