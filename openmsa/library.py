@@ -389,57 +389,53 @@ def _(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, impl="reference"):
     return None
 
 
-@custom_op("openmsa::decode_topk",
-           mutates_args=("candidates", "merged_candidates", "counts", "topk_indices"))
+@custom_op("openmsa::decode_topk", mutates_args=("candidates", "merged_candidates", "topk_indices"))
 def decode_topk(qi: Tensor, ki_cache: Tensor, ki_scale: Optional[Tensor], page_table: Tensor,
                 cu_seqlens_q: Tensor, kv_lens: Tensor, pages_per_split: Tensor, candidates: Tensor,
-                merged_candidates: Tensor, counts: Tensor, topk_indices: Tensor, index_scale: float,
-                max_q: int, rows: int, kpad: int, index_splits: int, pages: int, num_warps: int,
+                merged_candidates: Tensor, topk_indices: Tensor, index_scale: float, max_q: int,
+                rows: int, kpad: int, index_splits: int, pages: int, num_warps: int,
                 num_stages: int, init_blocks: int = 0, local_blocks: int = 1,
                 impl: str = "triton") -> None:
     """``MSADecodeWrapper``'s Index Branch: the split index scan and the exact Top-k merge
-    into ``topk_indices`` (the wrapper's plan() sets up every other argument; ``counts``:
-    the merge's arrival counts, 0 before and after). Kernels only."""
+    into ``topk_indices`` (the wrapper's plan() sets up every other argument). Kernels only."""
     if impl != "triton":
         raise NotImplementedError("openmsa::decode_topk has Triton kernels only; the paged "
                                   "reference is openmsa.serving.paged_indexer_topk_reference")
     _kernel("decode_topk", qi.device)(
         qi, ki_cache, ki_scale, page_table, cu_seqlens_q, kv_lens, pages_per_split, candidates,
-        merged_candidates, counts, topk_indices, index_scale=index_scale, max_q=max_q, rows=rows,
+        merged_candidates, topk_indices, index_scale=index_scale, max_q=max_q, rows=rows,
         kpad=kpad, index_splits=index_splits, pages=pages, num_warps=num_warps,
         num_stages=num_stages, init_blocks=init_blocks, local_blocks=local_blocks)
 
 
 @decode_topk.register_fake
 def _(qi, ki_cache, ki_scale, page_table, cu_seqlens_q, kv_lens, pages_per_split, candidates,
-      merged_candidates, counts, topk_indices, index_scale, max_q, rows, kpad, index_splits, pages,
+      merged_candidates, topk_indices, index_scale, max_q, rows, kpad, index_splits, pages,
       num_warps, num_stages, init_blocks=0, local_blocks=1, impl="triton"):
     return None
 
 
 @custom_op("openmsa::decode_attention",
-           mutates_args=("out", "lse", "partial_out", "partial_lse", "counts"))
+           mutates_args=("out", "lse", "partial_out", "partial_lse"))
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, topk_indices: Tensor,
                      page_table: Tensor, row_seq: Tensor, row_pos: Tensor, kv_lens: Tensor,
                      out: Tensor, lse: Tensor, partial_out: Tensor, partial_lse: Tensor,
-                     counts: Tensor, scale: float, k_scale: float, v_scale: float, g_pad: int,
+                     scale: float, k_scale: float, v_scale: float, g_pad: int,
                      attention_splits: int, impl: str = "triton") -> None:
     """``MSADecodeWrapper``'s Main Branch: split sparse attention over the selected pages
-    into ``out`` and ``lse`` (the wrapper's plan() sets up every other argument; ``counts``:
-    the combine's arrival counts, 0 before and after). Kernels only."""
+    into ``out`` and ``lse`` (the wrapper's plan() sets up every other argument). Kernels only."""
     if impl != "triton":
         raise NotImplementedError("openmsa::decode_attention has Triton kernels only; the paged "
                                   "reference is openmsa.serving.paged_sparse_attention_reference")
     _kernel("decode_attention", q.device)(
         q, k_cache, v_cache, topk_indices, page_table, row_seq, row_pos, kv_lens, out, lse,
-        partial_out, partial_lse, counts, scale=scale, k_scale=k_scale, v_scale=v_scale,
-        g_pad=g_pad, attention_splits=attention_splits)
+        partial_out, partial_lse, scale=scale, k_scale=k_scale, v_scale=v_scale, g_pad=g_pad,
+        attention_splits=attention_splits)
 
 
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, topk_indices, page_table, row_seq, row_pos, kv_lens, out, lse,
-      partial_out, partial_lse, counts, scale, k_scale, v_scale, g_pad, attention_splits,
-      impl="triton"):
+      partial_out, partial_lse, scale, k_scale, v_scale, g_pad, attention_splits, impl="triton"):
     return None
 
 

@@ -45,11 +45,12 @@ from ..ops.utils.configs import launch_config
 from ..ops.utils.tiles import LOG2E
 from .checks import check_int, check_page_ids, check_planned_pages, check_step_metadata, check_wrapper_config
 
-_KERNELS = ("decode_topk_split_kernel", "decode_attention_split_kernel")
+_KERNELS = ("decode_topk_split_kernel", "decode_topk_reduce_kernel", "decode_topk_merge_kernel",
+            "decode_attention_split_kernel", "decode_attention_merge_kernel")
 FP8 = torch.float8_e4m3fn
 _MAX_INDEX_SPLITS = 1024  # an explicit index_splits may go this far
 _DEFAULT_MAX_INDEX_SPLITS = 256  # the default's cap (more was slower at batch 1 / 1M on the H100)
-_MERGE_GROUP = 16  # above this many index splits, groups of 16 are merged first, in parallel
+_MERGE_GROUP = 16  # above this many splits, a first merge level runs in parallel over groups
 
 
 def _kernels(device: torch.device) -> dict:
@@ -127,11 +128,6 @@ class MSADecodeWrapper:
                      cand=torch.empty((batch * idx_splits * rows * kpad,), dtype=torch.int64, device=device),
                      cand2=torch.empty((batch * -(-idx_splits // _MERGE_GROUP) * rows * kpad,),
                                        dtype=torch.int64, device=device),
-                     # arrival counts of the fused merges (the kernels reset them to 0)
-                     counts=torch.zeros(batch * (-(-idx_splits // _MERGE_GROUP) + 1), dtype=torch.int32,
-                                        device=device),
-                     attn_counts=torch.zeros(total_q * hkv if attn_splits > 1 else 1, dtype=torch.int32,
-                                             device=device),
                      topk=torch.empty((hkv, total_q, self.topk), dtype=torch.int32, device=device),
                      out=torch.empty((total_q, self.num_heads, self.head_dim), dtype=dtype, device=device),
                      lse=torch.empty((total_q, self.num_heads), dtype=torch.float32, device=device),
@@ -277,10 +273,10 @@ class MSADecodeWrapper:
 
     def _topk_op_args(self, qi, ki_cache, ki_scale=None) -> tuple:
         """The arguments of the op openmsa::decode_topk for this plan (its outputs: the
-        plan's candidate, count and topk buffers)."""
+        plan's candidate and topk buffers)."""
         p, scan = self._plan, self._plan["scan"]
         return (qi, ki_cache, ki_scale, p["page_table"], p["cu_q"], p["kv_lens"], p["pages_per_split"],
-                p["cand"], p["cand2"], p["counts"], p["topk"], self.index_softmax_scale, max(1, p["qmax"]),
+                p["cand"], p["cand2"], p["topk"], self.index_softmax_scale, max(1, p["qmax"]),
                 p["rows"], p["kpad"], p["idx_splits"], scan["pages_fp8" if ki_scale is not None else "pages"],
                 scan["warps"], scan["stages"], self.init_blocks, self.local_blocks, "triton")
 
@@ -293,10 +289,10 @@ class MSADecodeWrapper:
 
     def _attention_op_args(self, q, k_cache, v_cache, topk_idx, k_scale=1.0, v_scale=1.0) -> tuple:
         """The arguments of the op openmsa::decode_attention for this plan (its outputs: the
-        plan's out, lse, partial and count buffers)."""
+        plan's out, lse and partial buffers)."""
         p = self._plan
         return (q, k_cache, v_cache, topk_idx, p["page_table"], p["row_seq"], p["row_pos"], p["kv_lens"],
-                p["out"], p["lse"], p["part_o"], p["part_lse"], p["attn_counts"], self.softmax_scale,
+                p["out"], p["lse"], p["part_o"], p["part_lse"], self.softmax_scale,
                 float(k_scale), float(v_scale), p["g_pad"], p["attn_splits"], "triton")
 
 
@@ -304,47 +300,51 @@ class MSADecodeWrapper:
 # Reached through the ops openmsa::decode_topk / openmsa::decode_attention (openmsa.library).
 
 def launch_decode_topk(qi, ki_cache, ki_scale, page_table, cu_q, kv_lens, pages_per_split, cand, cand2,
-                       counts, topk_idx, *, index_scale, max_q, rows, kpad, index_splits, pages,
-                       num_warps, num_stages, init_blocks, local_blocks):
-    """Split index scan of every request's pages; the last split to finish merges the
-    splits' lists into topk_idx (decode_kernels)."""
+                       topk_idx, *, index_scale, max_q, rows, kpad, index_splits, pages, num_warps,
+                       num_stages, init_blocks, local_blocks):
+    """Split index scan of every request's pages, then the exact Top-k merge into topk_idx."""
     kern = _kernels(qi.device)
     batch, hkv, di = page_table.shape[0], qi.shape[1], qi.shape[2]
     bs, topk, nsplit = ki_cache.shape[1], topk_idx.shape[2], index_splits
-    if nsplit > _MERGE_GROUP:
-        group, ngroups = _MERGE_GROUP, -(-nsplit // _MERGE_GROUP)
-    else:
-        group, ngroups = triton.next_power_of_2(nsplit), 1
-    groups_pad = triton.next_power_of_2(ngroups)
     kern["decode_topk_split_kernel"][(batch, nsplit)](
-        qi, ki_cache, page_table, cu_q, kv_lens, cand, cand2, counts, topk_idx, pages_per_split,
+        qi, ki_cache, page_table, cu_q, kv_lens, cand, pages_per_split,
         ki_scale if ki_scale is not None else pages_per_split,
         index_scale, nsplit, ki_cache.shape[0],
         qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1), page_table.stride(0),
-        ki_scale.stride(0) if ki_scale is not None else 0, topk_idx.stride(0), topk_idx.stride(1),
-        HKV=hkv, QMAX=max_q, ROWS=rows, BLOCK=bs, DI=di, TOPK=topk, KPAD=kpad,
-        KOUT=triton.next_power_of_2(topk), PAGES=pages,
-        GROUP=group, LOG2_GROUP=group.bit_length() - 1, NUM_GROUPS=ngroups,
-        GROUPS_PAD=groups_pad, LOG2_GROUPS=groups_pad.bit_length() - 1, RCHUNK=min(rows, 16),
+        ki_scale.stride(0) if ki_scale is not None else 0,
+        HKV=hkv, QMAX=max_q, ROWS=rows, BLOCK=bs, DI=di,
+        TOPK=topk, KPAD=kpad, PAGES=pages,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=qi.device.type != "cpu", KI_FP8=ki_scale is not None,
         INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         num_warps=num_warps, num_stages=num_stages)
+    nlists = nsplit
+    if nsplit > _MERGE_GROUP:
+        ngroups = -(-nsplit // _MERGE_GROUP)
+        kern["decode_topk_reduce_kernel"][(batch, rows, ngroups)](
+            cand, cand2, cu_q, nsplit, ngroups,
+            HKV=hkv, QMAX=max_q, ROWS=rows, TOPK=topk, KPAD=kpad,
+            GROUP=_MERGE_GROUP, LOG2_GROUP=_MERGE_GROUP.bit_length() - 1,
+            NSEL=topk - init_blocks - local_blocks, num_warps=4)
+        cand, nlists = cand2, ngroups
+    npad = triton.next_power_of_2(nlists)
+    kern["decode_topk_merge_kernel"][(batch, rows)](
+        cand, cu_q, kv_lens, topk_idx, nlists, topk_idx.stride(0), topk_idx.stride(1),
+        HKV=hkv, QMAX=max_q, ROWS=rows, BLOCK=bs, TOPK=topk, KPAD=kpad,
+        KOUT=triton.next_power_of_2(topk), NSPLIT_PAD=npad, LOG2_NSPLIT=npad.bit_length() - 1,
+        INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks, num_warps=4)
 
 
 def launch_decode_attention(q, k_cache, v_cache, topk_idx, page_table, row_seq, row_pos, kv_lens, out,
-                            lse, part_o, part_lse, counts, *, scale, k_scale, v_scale, g_pad,
-                            attention_splits):
-    """Split sparse attention over the selected pages into out / lse (with several splits,
-    the last split of each (token, group) to finish combines them)."""
+                            lse, part_o, part_lse, *, scale, k_scale, v_scale, g_pad, attention_splits):
+    """Split sparse attention over the selected pages into out / lse (merged when split)."""
     kern = _kernels(q.device)
     total_q, hq, d = q.shape
     hkv, bs, topk, asplit = k_cache.shape[2], k_cache.shape[1], topk_idx.shape[2], attention_splits
     g = hq // hkv
-    nsp = triton.next_power_of_2(asplit)
     kern["decode_attention_split_kernel"][(total_q, hkv, asplit)](
         q, k_cache, v_cache, topk_idx, page_table, row_seq, row_pos, kv_lens,
-        out, lse, part_o, part_lse, counts,
+        out, lse, part_o, part_lse,
         scale * k_scale * LOG2E.value, float(v_scale), -(-topk // asplit), asplit, hkv,
         min(k_cache.shape[0], v_cache.shape[0]),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -352,8 +352,13 @@ def launch_decode_attention(q, k_cache, v_cache, topk_idx, page_table, row_seq, 
         topk_idx.stride(0), topk_idx.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), lse.stride(0),
         G=g, G_PAD=g_pad, BLOCK=bs, D=d, TOPK=topk,
-        KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, NSPLIT_PAD=nsp,
-        # the combine's [nsp, HC, D] tile: ~32 floats a thread
-        HC=max(1, min(g_pad, 4096 // (nsp * d))),
-        IEEE=q.dtype == torch.float32, KV_FP8=k_cache.dtype == FP8,
+        KPAD=triton.next_power_of_2(topk), SPLIT=asplit > 1, IEEE=q.dtype == torch.float32,
+        KV_FP8=k_cache.dtype == FP8,
         num_warps=4, num_stages=2)
+    if asplit > 1:
+        nsp = triton.next_power_of_2(asplit)
+        hc = max(1, min(g_pad, 4096 // (nsp * d)))  # a [nsp, hc, D] tile: ~32 floats a thread
+        kern["decode_attention_merge_kernel"][(total_q, hkv, g_pad // hc)](
+            part_o, part_lse, out, lse, asplit, hkv,
+            out.stride(0), out.stride(1), lse.stride(0),
+            G=g, G_PAD=g_pad, HC=hc, D=d, NSPLIT_PAD=nsp, num_warps=4)

@@ -118,24 +118,6 @@ def test_index_scan_pages_per_iteration(pages, launch):
     check([300, 77, 16], [1, 3, 2], topk=5, seed=9, index_splits=3, attention_splits=2)
 
 
-def test_fused_merges_reset_their_counts_for_the_next_run():
-    """The last split to finish merges (an arrival count per group of index splits and per
-    (token, group) of attention splits) and resets the count: a second run() on new values
-    with the same plan (as a CUDA graph replays it) is exact again, and every count is 0
-    after each run."""
-    gen = torch.Generator().manual_seed(11)
-    kv_lens, qlens, bs, topk = [2000, 77], [1, 2], 16, 5
-    args = make_paged(kv_lens, qlens, 8, 2, 32, 32, bs, torch.float32, gen)
-    w = MSADecodeWrapper(8, 2, 32, 32, block_size=bs, topk=topk)
-    w.plan(args[5], args[6], args[7], dtype=torch.float32, index_splits=37, attention_splits=4)
-    for _ in range(2):
-        out, lse, idx = w.run(*args[:5], return_lse=True)
-        check_run(out, lse, idx, *args, bs, topk, 1e-5)
-        assert not w._plan["counts"].any() and not w._plan["attn_counts"].any()
-        args = (torch.randn(args[0].shape, generator=gen).to(DEV),
-                torch.randn(args[1].shape, generator=gen).to(DEV), *args[2:])
-
-
 def test_attention_merge_in_head_chunks():
     """16 splits of a group of 32 heads (d = 128): the merge runs in chunks of 2 heads."""
     check([700, 300], [1, 2], hq=64, hkv=2, d=128, di=32, topk=16, seed=3, attention_splits=16)
