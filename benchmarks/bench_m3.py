@@ -174,7 +174,7 @@ def main():
             r = measure(step, args.warmup + 3, args.runs * 4)
             results.append(dict(phase="decode", tokens=n, path=name, **r))
             print(results[-1], flush=True)
-        del cache
+        cache = None  # frees the filled cache before the next context
     paths.use("openmsa")
 
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,

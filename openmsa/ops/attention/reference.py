@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.reference import (
-    KeyGrad, Keys, attention_scores, compute_dtype, group_rows, key_chunks, key_ranges, layout_for,
+    KeyGrad, Keys, attention_scores, compute_dtype, group_rows, key_chunks, layout_for,
     masked_softmax_stats, matmul_keys, row_meta, safe_lse, ungroup,
 )
 
@@ -82,32 +82,3 @@ def attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, ranges, block_
             dk.add(sel, torch.matmul(ds.reshape(hkv, r * g, -1).transpose(-1, -2), qg.reshape(hkv, r * g, d)))
             dv.add(sel, torch.matmul(p.reshape(hkv, r * g, -1).transpose(-1, -2), dog.reshape(hkv, r * g, d)))
     return dq.to(q.dtype), dk.result(), dv.result()
-
-
-class SparseAttentionReference(torch.autograd.Function):
-    """out, lse = attention over T (sparse) or all visible tokens (topk_indices=None).
-    Differentiable w.r.t. q, k, v; lse is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, topk_indices, cu_q, ranges, block_size, scale):
-        out, lse = attention_forward(q, k, v, topk_indices, cu_q, ranges, block_size, scale)
-        ctx.save_for_backward(q, k, v, topk_indices, out, lse)
-        ctx.args = (cu_q, ranges, block_size, scale)
-        lse_out = lse.float()
-        ctx.mark_non_differentiable(lse_out)
-        return out, lse_out
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, topk_indices, out, lse = ctx.saved_tensors
-        cu_q, ranges, block_size, scale = ctx.args
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, topk_indices, cu_q, ranges,
-                                        block_size, scale)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def sparse_attention_reference(q, k, v, topk_indices, cu_q, cu_k, *, block_size, scale,
-                               kv_ranges=None):
-    """cu_q/cu_k host tuples, or cu_q and the fragment form's ``kv_ranges`` (starts, lens)."""
-    return SparseAttentionReference.apply(q, k, v, topk_indices, cu_q, key_ranges(cu_k, kv_ranges),
-                                          block_size, scale)

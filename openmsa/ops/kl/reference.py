@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.reference import (
-    KeyGrad, Keys, attention_scores, compute_dtype, key_chunks, key_ranges, layout_for,
+    KeyGrad, Keys, attention_scores, compute_dtype, key_chunks, layout_for,
     masked_softmax_stats, matmul_keys, row_meta, safe_lse,
 )
 
@@ -99,32 +99,3 @@ def kl_backward(grad_scale, q, k, qi, ki, topk_indices, cu_q, ranges, block_size
         else:  # shared keys: sum the rows and groups in one product -> [1, N, Di]
             dki.add(sel, torch.einsum("grn,grd->nd", dz, qig[:, :, 0])[None])
     return dqi.to(qi.dtype), dki.result()
-
-
-class IndexerKLReference(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i, coeff,
-                lse, index_lse):
-        hkv, total_q = qi.shape[1], qi.shape[0]
-        norm = coeff / (hkv * total_q) if total_q > 0 else 0.0
-        total = kl_forward(q, k, qi, ki, topk_indices, cu_q, ranges, block_size, scale, scale_i,
-                           lse, index_lse)
-        ctx.save_for_backward(q, k, qi, ki, topk_indices, lse, index_lse)
-        ctx.args = (cu_q, ranges, block_size, scale, scale_i, norm)
-        return (total * norm).to(torch.float64 if qi.dtype == torch.float64 else torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, qi, ki, topk_indices, lse, index_lse = ctx.saved_tensors
-        cu_q, ranges, block_size, scale, scale_i, norm = ctx.args
-        dqi, dki = kl_backward(grad * norm, q, k, qi, ki, topk_indices, cu_q, ranges, block_size,
-                               scale, scale_i, lse, index_lse)
-        return (None, None, dqi, dki) + (None,) * 9
-
-
-def indexer_kl_reference(q, k, qi, ki, topk_indices, cu_q, cu_k, *, block_size, scale, scale_i,
-                         coeff, lse=None, index_lse=None, kv_ranges=None):
-    """cu_q/cu_k host tuples, or cu_q and the fragment form's ``kv_ranges`` (starts, lens)."""
-    return IndexerKLReference.apply(q.detach(), k.detach(), qi, ki, topk_indices, cu_q,
-                                    key_ranges(cu_k, kv_ranges), block_size, scale, scale_i, coeff,
-                                    lse, index_lse)
