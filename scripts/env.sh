@@ -13,7 +13,7 @@ if [ "${OPENMSA_SYSTEM_PYTHON:-}" = 1 ] || python3 -c "import torch, triton, sys
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
     VENV="${OPENMSA_VENV:-$ROOT/.venv}"
-    STAMP="$VENV/.openmsa-setup-v4"
+    STAMP="$VENV/.openmsa-setup-v5"
     if [ ! -f "$STAMP" ]; then
         echo "setting up $VENV (torch 2.13.0 CPU, triton 3.6.0, numpy<2.3, openmsa[test])" >&2
         python3 -m venv "$VENV"
