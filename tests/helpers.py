@@ -1,6 +1,27 @@
-"""Helpers shared by the kernel tests: relative error norms and random paged pools."""
+"""Helpers shared by the kernel tests: relative error norms, packed layouts, seeds and
+random paged pools."""
+
+import zlib
 
 import torch
+
+
+def gen_for(*key):
+    """A generator seeded by the test's parameters (the same inputs on every run)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_cu(pack, device=None):
+    """int32 (cu_seqlens_q, cu_seqlens_k) of a pack of (Lq, Lk) pairs, on ``device``
+    (default: the GPU when there is one, as the kernel tests run)."""
+    device = DEV if device is None else device
+    cq, ck = [0], [0]
+    for lq, lk in pack:
+        assert lq <= lk
+        cq.append(cq[-1] + lq)
+        ck.append(ck[-1] + lk)
+    return (torch.tensor(cq, dtype=torch.int32, device=device),
+            torch.tensor(ck, dtype=torch.int32, device=device))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

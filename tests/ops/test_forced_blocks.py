@@ -9,14 +9,13 @@ than a block, exact block multiples, Lq < Lk, Lq = 0 and K larger than the numbe
 blocks.
 """
 
-import zlib
 
 import pytest
 import torch
 
 import openmsa
 from brute_force import bf_indexer_topk
-from helpers import make_paged, rel
+from helpers import gen_for, make_cu, make_paged, rel
 from openmsa.serving import MSADecodeWrapper, MSAPrefillWrapper, paged_indexer_topk_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,17 +27,6 @@ PACK_64 = [(70, 200), (64, 64), (30, 30), (0, 50), (1, 129), (40, 256), (3, 3)]
 FORCED = [(4, 1, 1), (4, 0, 2), (5, 2, 2), (3, 0, 3), (3, 2, 1), (16, 1, 3)]
 
 
-def gen_for(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def make_cu(pack, device=DEV):
-    cq, ck = [0], [0]
-    for lq, lk in pack:
-        cq.append(cq[-1] + lq)
-        ck.append(ck[-1] + lk)
-    return (torch.tensor(cq, dtype=torch.int32, device=device),
-            torch.tensor(ck, dtype=torch.int32, device=device))
 
 
 def dyadic(shape, gen):

@@ -7,14 +7,13 @@ reference's EXACTLY, ties included. With a GPU, the `gpu` tests run the realisti
 configuration (bf16, Hkv=4, Di=128, B=128, K=16, 8K-32K tokens, varlen pack).
 """
 
-import zlib
 
 
 import pytest
 import torch
 
 import openmsa
-from helpers import assert_selection_matches, block_scores64, rounding_bound
+from helpers import assert_selection_matches, block_scores64, gen_for, make_cu, rounding_bound
 from helpers import rel_finite as rel
 from openmsa.ops.indexer import triton_impl
 
@@ -31,17 +30,6 @@ PACK_128 = [(60, 300), (128, 128), (0, 40), (20, 20), (130, 256), (2, 385)]
 PACK_LONG = [(200, 520)]  # one sequence, many blocks and several query tiles
 
 
-def gen_for(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def make_cu(pack, device=DEV):
-    cq, ck = [0], [0]
-    for lq, lk in pack:
-        cq.append(cq[-1] + lq)
-        ck.append(ck[-1] + lk)
-    return (torch.tensor(cq, dtype=torch.int32, device=device),
-            torch.tensor(ck, dtype=torch.int32, device=device))
 
 
 def dyadic(shape, gen, lo=-8, hi=8):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import openmsa
 from helpers import rel
+from helpers import make_cu as _make_cu
 from brute_force import (
     bf_all_blocks_indices,
     bf_block_scores_matrix,
@@ -49,12 +50,8 @@ PACK_TINY = [(3, 6), (5, 5), (0, 2), (2, 9)]
 
 
 def make_cu(pack):
-    cq, ck = [0], [0]
-    for lq, lk in pack:
-        assert lq <= lk
-        cq.append(cq[-1] + lq)
-        ck.append(ck[-1] + lk)
-    return torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+    return _make_cu(pack, "cpu")  # the reference tests run on CPU tensors
+
 
 
 @pytest.fixture(autouse=True, scope="module")
