@@ -46,6 +46,7 @@ from torch.library import custom_op
 
 from . import _validation as V
 from ._backend import _load
+from .ops.append.reference import append_reference
 from .ops.attention.reference import attention_backward, attention_forward
 from .ops.indexer.reference import indexer_topk_reference
 from .ops.kl.reference import kl_backward, kl_forward
@@ -62,7 +63,7 @@ TRITON_KERNELS: dict = {
     "dense_attention": "openmsa.ops.attention.triton_impl:dense_attention_triton",
     "dense_attention_backward": "openmsa.ops.attention.triton_impl:dense_attention_backward_triton",
     "indexer_kl_loss": "openmsa.ops.kl.triton_impl:indexer_kl_loss_triton",
-    "append_paged_kv": "openmsa.serving.append:_append_triton",
+    "append_paged_kv": "openmsa.ops.append.triton_impl:append_triton",
     "decode_topk": "openmsa.serving.decode:launch_decode_topk",
     "decode_attention": "openmsa.serving.decode:launch_decode_attention",
     "prefill": "openmsa.serving.prefill:launch_prefill",
@@ -377,8 +378,7 @@ def append_paged_kv(k: Tensor, v: Tensor, ki: Optional[Tensor], k_cache: Tensor,
     page_size = k_cache.shape[1]
     num_slots = k_cache.shape[0] * page_size
     if impl == "reference":
-        from .serving.append import _append_reference
-        _append_reference(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, page_size, num_slots)
+        append_reference(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping, page_size, num_slots)
     else:
         _kernel("append_paged_kv", k.device)(k, v, ki, k_cache, v_cache, ki_cache, slot_mapping,
                                              page_size, num_slots)
