@@ -13,7 +13,9 @@ KL forward + backward, with the reduce-scatter of the key gradients (CUDA events
 that, an exactness check at a small size (a varlen pack, --check-tokens in all): every rank
 compares its shard of out, topk_indices and every gradient, and the KL parts' sum, with a
 single-GPU run on the same global inputs (index inputs dyadic: exact index dots, so the
-selections must be equal). Writes OUT/bench_cp.json and OUT/bench_cp.md.
+selections must be equal). With one rank (``--nproc-per-node 1``) each context also times the
+single-GPU op (``openmsa.msa_attention``) on the same tokens: the CP path's own cost on one
+GPU. Writes OUT/bench_cp.json and OUT/bench_cp.md.
 
 ``python benchmarks/bench_cp.py --model`` (no GPU) prints the communication-volume model of
 benchmarks/NOTES.md instead. ``torchrun --nproc-per-node 2 benchmarks/bench_cp.py --device cpu
@@ -98,7 +100,42 @@ def exactness(check_tokens, rank, world, device, group):
     return dict(zip(errs, vals.tolist())), lens
 
 
+def single_step(x, cu):
+    """The same training step through the single-GPU op (openmsa.msa_attention)."""
+    import openmsa
+
+    t = {n: x[n].detach().requires_grad_() for n in ("q", "k", "v", "qi", "ki")}
+    out, kl, _ = openmsa.msa_attention(t["q"], t["k"], t["v"], t["qi"], t["ki"], cu, cu,
+                                       block_size=B, topk=K)
+    ((out.float() * x["dout"].float()).sum() + kl).backward()
+
+
+def median_ms(fn, device, group, warmup, runs):
+    """Median of ``runs`` calls after ``warmup`` (CUDA events on GPUs), the ranks in step."""
+    cuda = device.type == "cuda"
+    times = []
+    for i in range(warmup + runs):
+        dist.barrier(group=group)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return sorted(times)[len(times) // 2]
+
+
 def time_context(n, rank, world, device, group, warmup, runs):
+    """The CP step at one context; with one rank also the single-GPU op on the same tokens
+    (what the CP path costs over the op it distributes: the plan, the fragment form, the
+    collectives on one rank)."""
     from openmsa.distributed import cp_plan
 
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
@@ -108,32 +145,20 @@ def time_context(n, rank, world, device, group, warmup, runs):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup + runs):
-        dist.barrier(group=group)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(x, cu, group)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            step(x, cu, group)
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    med = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64, device=device)
+    med = torch.tensor([median_ms(lambda: step(x, cu, group), device, group, warmup, runs)],
+                       dtype=torch.float64, device=device)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0],
                         dtype=torch.float64, device=device)
     meds = [torch.zeros_like(med) for _ in range(world)]
     peaks = [torch.zeros_like(peak) for _ in range(world)]
     dist.all_gather(meds, med, group=group)
     dist.all_gather(peaks, peak, group=group)
-    return {"context": n, "world_size": world, "local_tokens": plan.local_total,
-            "step_ms": max(m.item() for m in meds), "step_ms_per_rank": [m.item() for m in meds],
-            "peak_gib_per_rank": [p.item() for p in peaks]}
+    row = {"context": n, "world_size": world, "local_tokens": plan.local_total,
+           "step_ms": max(m.item() for m in meds), "step_ms_per_rank": [m.item() for m in meds],
+           "peak_gib_per_rank": [p.item() for p in peaks]}
+    if world == 1:  # the shard is the whole sequence, in its own order
+        row["single_gpu_op_ms"] = median_ms(lambda: single_step(x, cu), device, group, warmup, runs)
+    return row
 
 
 # ------------------------------------------------------------------ communication model
@@ -225,14 +250,16 @@ def main():
             f.write(f"# Context-parallel MSA step, {world} x {meta['gpu']}, bf16\n\n"
                     f"Exactness vs one GPU ({sum(lens)} tokens, pack {lens}), max over ranks: "
                     + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + "\n\n"
-                    "| context | tokens / rank | step (ms, slowest rank) | peak memory / rank (GiB, max) |\n"
-                    "|---|---|---|---|\n")
+                    "| context | tokens / rank | step (ms, slowest rank) | peak memory / rank (GiB, max) "
+                    "| single-GPU op, one rank (ms) |\n"
+                    "|---|---|---|---|---|\n")
             for r in rows:
                 if "error" in r:
-                    f.write(f"| {r['context'] // 1024}K | - | {r['error'][:60]} | - |\n")
+                    f.write(f"| {r['context'] // 1024}K | - | {r['error'][:60]} | - | - |\n")
                 else:
+                    single = f"{r['single_gpu_op_ms']:.1f}" if "single_gpu_op_ms" in r else "-"
                     f.write(f"| {r['context'] // 1024}K | {r['local_tokens']} | {r['step_ms']:.1f} | "
-                            f"{max(r['peak_gib_per_rank']):.1f} |\n")
+                            f"{max(r['peak_gib_per_rank']):.1f} | {single} |\n")
     dist.barrier()
     dist.destroy_process_group()
 
