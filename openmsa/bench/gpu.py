@@ -41,21 +41,45 @@ def rotation(bytes_per_set: int) -> int:
     return max(1, math.ceil(2 * L2_BYTES / max(1, bytes_per_set)) + 1)
 
 
-def random_topk(n: int, cfg: MSAConfig, gen: torch.Generator, device) -> torch.Tensor:
+SELECTIONS = ("uniform", "skewed")
+SKEW_RUN = 256  # queries that share one pool of content blocks (per KV group)
+
+
+def random_topk(n: int, cfg: MSAConfig, gen: torch.Generator, device,
+                selection: str = "uniform") -> torch.Tensor:
     """Valid MSA indices for one causal sequence of n tokens without running an
-    indexer: per (group, query) min(K-1, l) distinct random earlier blocks, then the
-    local block l, then -1. Random index scores select this way, too."""
+    indexer: per (group, query) min(K-1, l) distinct earlier blocks, then the local block
+    l, then -1.
+
+    ``selection="uniform"``: the earlier blocks at random (random index scores select
+    this way). ``"skewed"``: a synthetic of the selections of trained models, which are
+    far from uniform: the sink block 0 and the two blocks before the local one in every
+    row that has them, and the rest from content blocks that neighbouring queries share
+    (a block's score is a draw per run of SKEW_RUN queries and group plus a per-query draw
+    of a twentieth of its range), so most rows of a run select the same blocks."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     b, k = cfg.block_size, cfg.topk
     out = torch.full((cfg.num_kv_heads, n, k), -1, dtype=torch.int32, device=device)
     pos = torch.arange(n, device=device)
     local = pos // b
     nblk = (n + b - 1) // b
+    blocks = torch.arange(nblk, device=device)
     rows = max(1, (256 << 20) // (4 * cfg.num_kv_heads * nblk))
+    if selection == "skewed":
+        rows = max(SKEW_RUN, rows // SKEW_RUN * SKEW_RUN)  # whole runs per chunk
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         loc = local[r0:r1]
         score = torch.rand((cfg.num_kv_heads, r1 - r0, nblk), generator=gen, device=device)
-        score = score.masked_fill(torch.arange(nblk, device=device)[None, None] >= loc[None, :, None], -1.0)
+        if selection == "skewed":
+            runs = -(-(r1 - r0) // SKEW_RUN)
+            pool = torch.rand((cfg.num_kv_heads, runs, nblk), generator=gen, device=device)
+            score = pool.repeat_interleave(SKEW_RUN, 1)[:, :r1 - r0] + 0.05 * score
+            near = (blocks[None, :] == 0) | ((blocks[None, :] < loc[:, None])
+                                             & (blocks[None, :] >= loc[:, None] - 2))
+            score = score + 2.0 * near[None]
+        score = score.masked_fill(blocks[None, None] >= loc[None, :, None], -1.0)
         w = min(k - 1, nblk)
         sel = torch.topk(score, w, dim=-1).indices if w > 0 else score[..., :0].long()
         nsel = loc.clamp(max=k - 1)

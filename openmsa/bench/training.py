@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import openmsa
 from openmsa.library import TRITON_KERNELS
 from openmsa.bench.cost_model import MSAConfig
-from openmsa.bench.gpu import bench, flex_block_mask, flops, random_topk, rotation
+from openmsa.bench.gpu import SELECTIONS, bench, flex_block_mask, flops, random_topk, rotation
 
 
 def safe_bench(*args, **kwargs):
@@ -46,7 +46,8 @@ def run_context(n, cfg, args, dev):
     # Rotate input sets past L2 where they are small; one set (already >> L2) at long context.
     sets = [inputs(n, cfg, gen, dev) for _ in range(min(rotation(per_set), 4 if n <= 131072 else 1))]
     cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-    idx = random_topk(n, cfg, gen, dev)
+    idx = random_topk(n, cfg, gen, dev, args.selection)
+    tag = "" if args.selection == "uniform" else f" ({args.selection} selection)"
     rows = []
 
     def record(name, res, useful):
@@ -64,7 +65,7 @@ def run_context(n, cfg, args, dev):
     if "indexer_topk" in TRITON_KERNELS:
         record("openmsa indexer_topk", safe_bench(lambda i: lambda: openmsa.indexer_topk(
             sets[i % len(sets)]["qi"], sets[i % len(sets)]["ki"], cu, cu), len(sets), runs=runs), f["index"])
-    record("openmsa sparse_attention fwd", safe_bench(lambda i: lambda: openmsa.sparse_attention(
+    record("openmsa sparse_attention fwd" + tag, safe_bench(lambda i: lambda: openmsa.sparse_attention(
         sets[i % len(sets)]["q"], sets[i % len(sets)]["k"], sets[i % len(sets)]["v"], idx, cu, cu),
         len(sets), runs=runs), f["sparse_fwd"])
 
@@ -78,14 +79,17 @@ def run_context(n, cfg, args, dev):
             out.backward(do)
         return run
     if n <= args.max_train:
-        record("openmsa sparse_attention fwd+bwd", safe_bench(sparse_fb, len(sets), runs=runs),
+        record("openmsa sparse_attention fwd+bwd" + tag, safe_bench(sparse_fb, len(sets), runs=runs),
                f["sparse_fwd"] + f["sparse_bwd"])
 
     if n <= args.max_train:
         def kl_fb(i):
             s = sets[i % len(sets)]
             qi, ki = s["qi"].detach().requires_grad_(), s["ki"].detach().requires_grad_()
-            idx_i, index_lse = openmsa.indexer_topk(s["qi"], s["ki"], cu, cu)
+            if args.selection == "uniform":  # the indexer's own selection
+                idx_i, index_lse = openmsa.indexer_topk(s["qi"], s["ki"], cu, cu)
+            else:  # the synthetic selection; the KL recomputes the index LSE on it
+                idx_i, index_lse = idx, None
             _, lse = openmsa.sparse_attention(s["q"], s["k"], s["v"], idx_i, cu, cu)
 
             def run():
@@ -96,7 +100,7 @@ def run_context(n, cfg, args, dev):
         # the two index-gradient products (3 x 2 x Di per pair and group).
         pairs = f["sparse_fwd"] // (4 * cfg.num_heads * cfg.head_dim)
         kl_flops = pairs * (2 * cfg.num_heads * cfg.head_dim + 6 * cfg.num_kv_heads * cfg.index_head_dim)
-        record("openmsa indexer_kl_loss fwd+bwd", safe_bench(kl_fb, len(sets), runs=runs), kl_flops)
+        record("openmsa indexer_kl_loss fwd+bwd" + tag, safe_bench(kl_fb, len(sets), runs=runs), kl_flops)
 
     if n <= args.max_flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -227,6 +231,10 @@ def main(argv=None):
     # (torch 2.11, H100): keep it to 128K by default.
     ap.add_argument("--max-flex-train", type=int, default=131072)
     ap.add_argument("--pack", action="store_true", help="also time the workload varlen pack")
+    ap.add_argument("--selection", choices=SELECTIONS, default="uniform",
+                    help="the blocks the sparse attention and KL attend to: random ('uniform') or "
+                         "the synthetic of trained models' selections ('skewed': sink, nearest "
+                         "blocks, content blocks shared by neighbouring queries)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from openmsa.bench import cli
 from openmsa.bench.cost_model import MSAConfig, flops_per_token, selected_tokens
@@ -103,3 +104,37 @@ def test_bench_m3_smoke_on_cpu(tmp_path, monkeypatch):
     assert {(r["phase"], r["path"]) for r in data["results"]} == {
         ("prefill", "openmsa"), ("prefill", "hf"), ("decode", "openmsa"), ("decode", "hf")}
     assert "| decode | 80 |" in (tmp_path / "m3.md").read_text()
+
+
+@pytest.mark.parametrize("selection", ["uniform", "skewed"])
+def test_benchmark_selections_are_valid(selection):
+    """The benchmarks' synthetic Top-k lists follow the layout of the ops (min(K-1, l)
+    distinct earlier blocks, the local block, -1 padding); the skewed one keeps the sink
+    and the two nearest blocks in every row that has them and shares its content blocks
+    between neighbouring queries far more than the uniform one."""
+    from openmsa.bench.cost_model import MSAConfig
+    from openmsa.bench.gpu import random_topk
+
+    cfg = MSAConfig(num_heads=8, num_kv_heads=2, head_dim=16, index_head_dim=16, block_size=16, topk=6)
+    n = 1000
+    idx = random_topk(n, cfg, torch.Generator().manual_seed(0), "cpu", selection).long()
+    local = torch.arange(n) // 16
+    nsel = local.clamp(max=5)
+    slot = torch.arange(6)
+    earlier = idx.masked_fill(slot >= nsel[:, None], -1)
+    assert ((earlier < local[:, None]) | (earlier == -1)).all()
+    assert (earlier.sort(-1).values.diff(dim=-1)[(earlier.sort(-1).values[..., 1:] >= 0)] > 0).all()
+    assert torch.equal(idx.gather(-1, nsel.expand(2, n)[..., None])[..., 0], local.expand(2, n))
+    assert (idx.masked_select((slot > nsel[:, None]).expand_as(idx)) == -1).all()
+    has = lambda c: (idx == c[..., None]).any(-1)  # noqa: E731
+    if selection == "skewed":
+        rows = local >= 3
+        assert has(torch.zeros(2, n, dtype=torch.long))[:, rows].all()
+        for back in (1, 2):
+            assert has((local - back).expand(2, n))[:, rows].all()
+    # neighbours' overlap: blocks of row t also selected by row t + 1 (rows with l >= 8)
+    both = (earlier[:, :-1, :, None] == earlier[:, 1:, None, :]) & (earlier[:, :-1, :, None] >= 0)
+    overlap = both.any(-1).sum(-1).float()[:, local[:-1] >= 8].mean()
+    assert overlap > (4.0 if selection == "skewed" else 0.0)  # the sink and nearest: 3
+    if selection == "uniform":
+        assert overlap < 3.0
