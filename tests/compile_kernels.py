@@ -1,6 +1,8 @@
 """Compile every Triton kernel the ops launch for a Hopper GPU (sm_90), on a machine without
-one: ``python tests/compile_kernels.py [--arch 90]`` prints one line per distinct kernel
-specialisation and ends with ``compiled N kernels: name, ...`` (exit 1 on a failure).
+one: ``python tests/compile_kernels.py [--arch 90] [--ptxas]`` prints one line per distinct
+kernel specialisation and ends with ``compiled N kernels: name, ...`` (exit 1 on a failure);
+``--ptxas`` adds each binary's registers and stack bytes per thread (cuobjdump: the
+register pressure of a launch setting, read without a GPU).
 
 Triton's interpreter runs any Python inside a kernel body: a module global that is not a
 ``tl.constexpr``, a call it happens to support on numpy arrays. The GPU compiler rejects
@@ -37,8 +39,9 @@ _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 class Compiler:
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, ptxas: bool = False):
         self.target = GPUTarget("cuda", arch, 32)
+        self.ptxas = ptxas
         self.done: dict = {}  # key -> seconds
         self.names: set = set()
 
@@ -74,12 +77,27 @@ class Compiler:
         if key in self.done:
             return
         start = time.perf_counter()
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                       target=self.target, options=options)
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=self.target, options=options)
         self.done[key] = time.perf_counter() - start
         self.names.add(fn.__name__)
         consts = ", ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
-        print(f"  {fn.__name__:34s} {self.done[key]:5.1f} s  {consts}", flush=True)
+        regs = f"  [{self.registers(compiled.asm['cubin'])}]" if self.ptxas else ""
+        print(f"  {fn.__name__:34s} {self.done[key]:5.1f} s  {consts} {options}{regs}", flush=True)
+
+    def registers(self, cubin: bytes) -> str:
+        """The kernel binary's registers and stack bytes per thread (cuobjdump -res-usage;
+        a stack means spills or arrays in local memory)."""
+        import subprocess
+        import tempfile
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+        return f"{regs.group(1) if regs else '?'} registers, {stack.group(1) if stack else '?'} B stack"
 
 
 def run_ops(compiler: Compiler) -> None:
@@ -178,8 +196,10 @@ def launched_kernels() -> set:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="report each binary's registers and stack (cuobjdump -res-usage)")
     args = parser.parse_args()
-    compiler = Compiler(args.arch)
+    compiler = Compiler(args.arch, args.ptxas)
 
     def run(self, *a, grid, warmup, **kw):
         compiler.compile(self, a, kw)

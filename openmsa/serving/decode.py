@@ -315,7 +315,7 @@ def launch_decode_topk(qi, ki_cache, ki_scale, page_table, cu_q, kv_lens, pages_
         HKV=hkv, QMAX=max_q, ROWS=rows, BLOCK=bs, DI=di,
         TOPK=topk, KPAD=kpad, PAGES=pages,
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
-        NAN_MAX_REDUCE=qi.device.type != "cpu", KI_FP8=ki_scale is not None,
+        NAN_MAX_REDUCE=not _backend._interpreting(), KI_FP8=ki_scale is not None,
         INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         num_warps=num_warps, num_stages=num_stages)
     nlists = nsplit
