@@ -231,18 +231,27 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
             f"{total_k} key rows; every sequence needs Lq <= Lk"
         )
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+    return _checked_or_repaired(
+        varlen, read_values, _check_values,
+        lambda: Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k))
+
+
+def _checked_or_repaired(varlen: Varlen, read_values: bool, check, repair) -> Varlen:
+    """The value rule of every layout: ``check(varlen)`` reads the values on the host and
+    raises on bad ones; ``repair()`` gives a sanitised device-side copy (no host read).
+    In a traced graph nothing is read: the reference op reads and checks the values
+    itself (opaque to the compiler), the kernels get the repair. Otherwise the values are
+    read where the caller needs them or they are on the CPU anyway, repaired where no host
+    read is allowed (capture, value_checks(False)), and else read once per tensor (keyed by
+    the tensors and their versions)."""
     if torch.compiler.is_compiling():
-        # No host read in a traced graph: the reference op reads and checks the values
-        # itself (opaque to the compiler); the kernels get the sanitised copy.
-        if read_values:
-            return varlen
-        return Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k)
-    if read_values or cu_seqlens_q.device.type == "cpu":
-        return _check_values(varlen)
+        return varlen if read_values else repair()
+    if read_values or varlen.cu_seqlens_q.device.type == "cpu":
+        return check(varlen)
     if not _may_read_device_values():
-        return Varlen(*_sanitized_cu(cu_seqlens_q, cu_seqlens_k, total_q, total_k), total_q, total_k)
+        return repair()
     if not _already_checked(varlen):
-        _check_values(varlen)
+        check(varlen)
         _remember_checked(varlen)
     return varlen
 
@@ -424,22 +433,11 @@ def check_fragments(cu_seqlens_q, kv_start, kv_len, total_q: int, total_k: int,
         raise ValueError(f"kv_start/kv_len: total_q = {total_q} query rows but only total_k = "
                          f"{total_k} key rows; the fragment form needs total_q <= total_k")
     varlen = Varlen(cu_seqlens_q, None, total_q, total_k, kv_start=kv_start, kv_len=kv_len)
-    if torch.compiler.is_compiling():
-        # no host read in a traced graph (as in check_varlen): the reference op checks the
-        # values itself, the kernels get the sanitised copy
-        if read_values:
-            return varlen
+
+    def repair():
         cu_q, starts, lens = _sanitized_fragments(cu_seqlens_q, kv_start, kv_len, total_q, total_k)
         return Varlen(cu_q, None, total_q, total_k, kv_start=starts, kv_len=lens)
-    if read_values or device.type == "cpu":
-        return _check_fragment_values(varlen)
-    if not _may_read_device_values():
-        cu_q, starts, lens = _sanitized_fragments(cu_seqlens_q, kv_start, kv_len, total_q, total_k)
-        return Varlen(cu_q, None, total_q, total_k, kv_start=starts, kv_len=lens)
-    if not _already_checked(varlen):
-        _check_fragment_values(varlen)
-        _remember_checked(varlen)
-    return varlen
+    return _checked_or_repaired(varlen, read_values, _check_fragment_values, repair)
 
 
 def _check_fragment_values(varlen: Varlen) -> Varlen:
