@@ -190,20 +190,9 @@ def msa_attention_cp(q, k, v, qi, ki, cu_seqlens, *, group=None, block_size=128,
         parts sum to the single-process KL). Backward gives this rank its shard of every
         gradient; every rank must run it (module docstring).
     """
-    plan = _prepare(q, k, v, qi, ki, cu_seqlens, group)
-    coeff = V.check_finite_float("coeff", coeff)
-    k_g, v_g, ki_g = _gather_keys(plan, group, [k, v, ki])
-    frag = dict(kv_start=plan.kv_start, kv_len=plan.kv_len, block_size=block_size,
-                deterministic=deterministic, backend=backend)
-    cu_q = plan.cu_seqlens_q
-    idx, index_lse = indexer_topk(qi.detach(), ki_g.detach(), cu_q, None, topk=topk,
-                                  softmax_scale=index_softmax_scale, init_blocks=init_blocks,
-                                  local_blocks=local_blocks, **frag)
-    out, lse = sparse_attention(q, k_g, v_g, idx, cu_q, None, softmax_scale=softmax_scale, **frag)
-    kl = indexer_kl_loss(q.detach(), k_g.detach(), qi, ki_g, idx, cu_q, None,
-                         softmax_scale=softmax_scale, index_softmax_scale=index_softmax_scale,
-                         coeff=_kl_coeff(plan, coeff), lse=lse, index_lse=index_lse, **frag)
-    return out, kl, idx
+    return _attention_cp(q, k, v, qi, ki, cu_seqlens, group, dict(topk=topk, init_blocks=init_blocks,
+                                                                  local_blocks=local_blocks),
+                         block_size, softmax_scale, index_softmax_scale, coeff, deterministic, backend)
 
 
 def dense_attention_cp(q, k, v, qi, ki, cu_seqlens, *, group=None, block_size=128,
@@ -212,14 +201,28 @@ def dense_attention_cp(q, k, v, qi, ki, cu_seqlens, *, group=None, block_size=12
     """The dense warmup (docs/spec.md section 6: full causal attention, the KL over all
     visible tokens) spread over the ranks like :func:`msa_attention_cp`; returns
     ``(out, kl_loss)``: this rank's shard of out and its part of the KL."""
+    out, kl, _ = _attention_cp(q, k, v, qi, ki, cu_seqlens, group, None, block_size, softmax_scale,
+                               index_softmax_scale, coeff, deterministic, backend)
+    return out, kl
+
+
+def _attention_cp(q, k, v, qi, ki, cu_seqlens, group, index, block_size, softmax_scale,
+                  index_softmax_scale, coeff, deterministic, backend):
+    """Gather the keys, then the ops on this rank's query fragments over them: the Index
+    Branch (its arguments ``index``; None: the dense warmup, every visible token), the Main
+    Branch and this rank's part of the KL. Returns (out, kl, topk_indices or None)."""
     plan = _prepare(q, k, v, qi, ki, cu_seqlens, group)
     coeff = V.check_finite_float("coeff", coeff)
     k_g, v_g, ki_g = _gather_keys(plan, group, [k, v, ki])
     frag = dict(kv_start=plan.kv_start, kv_len=plan.kv_len, block_size=block_size,
                 deterministic=deterministic, backend=backend)
     cu_q = plan.cu_seqlens_q
-    out, lse = sparse_attention(q, k_g, v_g, None, cu_q, None, softmax_scale=softmax_scale, **frag)
-    kl = indexer_kl_loss(q.detach(), k_g.detach(), qi, ki_g, None, cu_q, None,
+    idx = index_lse = None
+    if index is not None:
+        idx, index_lse = indexer_topk(qi.detach(), ki_g.detach(), cu_q, None,
+                                      softmax_scale=index_softmax_scale, **index, **frag)
+    out, lse = sparse_attention(q, k_g, v_g, idx, cu_q, None, softmax_scale=softmax_scale, **frag)
+    kl = indexer_kl_loss(q.detach(), k_g.detach(), qi, ki_g, idx, cu_q, None,
                          softmax_scale=softmax_scale, index_softmax_scale=index_softmax_scale,
-                         coeff=_kl_coeff(plan, coeff), lse=lse, **frag)
-    return out, kl
+                         coeff=_kl_coeff(plan, coeff), lse=lse, index_lse=index_lse, **frag)
+    return out, kl, idx
