@@ -123,26 +123,22 @@ def check_m3_config(config, *, init_blocks: int, device: torch.device, backend: 
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(f"attention_dropout: the openmsa ops have no dropout; set "
                          f"config.attention_dropout = 0.0 (got {config.attention_dropout})")
-    hint = "(or backend='reference')"
-    if resolve("indexer_topk", backend, device) == "triton":
-        s = SUPPORTED["indexer_topk"]
-        if config.index_block_size not in s.block_sizes:
-            raise ValueError(f"index_block_size: the Triton indexer takes {s.block_sizes}, got "
-                             f"{config.index_block_size} {hint}")
-        if config.index_head_dim not in s.index_head_dims:
-            raise ValueError(f"index_head_dim: the Triton indexer takes {s.index_head_dims}, got "
-                             f"{config.index_head_dim} {hint}")
-        if topk > s.max_topk:
+    # the config fields each Triton op's supported shapes constrain (ops/utils/shapes.py)
+    for op, what, fields in (
+            ("indexer_topk", "indexer", (("index_block_size", "block_sizes"),
+                                         ("index_head_dim", "index_head_dims"))),
+            ("sparse_attention", "sparse attention", (("index_block_size", "block_sizes"),
+                                                      ("head_dim", "head_dims")))):
+        if resolve(op, backend, device) != "triton":
+            continue
+        s = SUPPORTED[op]
+        for name, allowed in fields:
+            if getattr(config, name) not in getattr(s, allowed):
+                raise ValueError(f"{name}: the Triton {what} takes {getattr(s, allowed)}, got "
+                                 f"{getattr(config, name)} (or backend='reference')")
+        if op == "indexer_topk" and topk > s.max_topk:
             raise ValueError(f"index_topk_blocks: the Triton indexer takes at most {s.max_topk}, "
-                             f"got {topk} {hint}")
-    if resolve("sparse_attention", backend, device) == "triton":
-        s = SUPPORTED["sparse_attention"]
-        if config.index_block_size not in s.block_sizes:
-            raise ValueError(f"index_block_size: the Triton sparse attention takes {s.block_sizes}, "
-                             f"got {config.index_block_size} {hint}")
-        if config.head_dim not in s.head_dims:
-            raise ValueError(f"head_dim: the Triton sparse attention takes {s.head_dims}, got "
-                             f"{config.head_dim} {hint}")
+                             f"got {topk} (or backend='reference')")
 
 
 def _cache_layer(cache, layer_idx: int):
