@@ -35,11 +35,10 @@ import sys
 import torch
 from torch import nn
 
-from ... import _validation as V
 from ...api import indexer_topk, msa_attention, sparse_attention
-from ...layers.msa_attention import IndexBranchMixin, check_input_dtype, dense_warmup_attention
+from ...layers.msa_attention import IndexBranchMixin, dense_warmup_attention
 from .cache import append_index_keys, cache_argument, prepare_cache
-from .masks import check_attention_mask
+from .masks import check_attention_mask, check_layer_inputs
 
 __all__ = ["MSAHFAttention", "check_supported"]
 
@@ -201,11 +200,7 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, cache_position=None, **kwargs):
         past_key_values = cache_argument(cache, kwargs)
-        if position_embeddings is None:
-            raise ValueError("position_embeddings (cos, sin) are required: the MSA layer uses the "
-                             "RoPE the model computes once per forward")
-        V.check_tensor("hidden_states", hidden_states, 3, "[batch, seq, hidden]")
-        check_input_dtype("hidden_states", hidden_states, self.q_proj.weight)
+        check_layer_inputs(hidden_states, position_embeddings, self.q_proj.weight)
         b, s, _ = hidden_states.shape
         hq, hkv, d, di = self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
         # Main branch projections exactly as the original module computes them.

@@ -1,4 +1,5 @@
-"""The attention masks an MSA layer accepts: those that say "causal, no padding".
+"""What an MSA layer accepts from transformers: its inputs (``check_layer_inputs``) and the
+attention masks that say "causal, no padding" (``check_attention_mask``).
 
 MSA layers compute causal attention with bottom-right alignment and no padding; a mask
 that asks for anything else (left/right padding, packed sequences) would be silently
@@ -13,9 +14,22 @@ import weakref
 
 import torch
 
-__all__ = ["check_attention_mask"]
+from ... import _validation as V
+from ...layers.msa_attention import check_input_dtype
+
+__all__ = ["check_attention_mask", "check_layer_inputs"]
 
 _last_good_mask = None  # weakref to the last mask found purely causal (shared by all layers)
+
+
+def check_layer_inputs(hidden_states, position_embeddings, weight) -> None:
+    """hidden_states [batch, seq, hidden] in the dtype the projections (``weight``) take,
+    and the (cos, sin) RoPE tables the model computes once per forward."""
+    if position_embeddings is None:
+        raise ValueError("position_embeddings (cos, sin) are required: the MSA layer uses the "
+                         "RoPE the model computes once per forward")
+    V.check_tensor("hidden_states", hidden_states, 3, "[batch, seq, hidden]")
+    check_input_dtype("hidden_states", hidden_states, weight)
 
 
 def check_attention_mask(mask, q_len: int, kv_len: int) -> None:

@@ -60,10 +60,10 @@ from torch import nn
 from ... import _validation as V
 from ...library import resolve
 from ...api import indexer_kl_loss, indexer_topk, sparse_attention
-from ...layers.msa_attention import MODES, IndexBranchMixin, check_input_dtype, dense_warmup_attention
+from ...layers.msa_attention import MODES, IndexBranchMixin, dense_warmup_attention
 from ...ops.utils.shapes import SUPPORTED
 from .cache import cache_argument
-from .masks import check_attention_mask
+from .masks import check_attention_mask, check_layer_inputs
 
 __all__ = ["MSAM3Attention", "m3_attention_sites", "enable_minimax_m3"]
 
@@ -216,11 +216,7 @@ class MSAM3Attention(IndexBranchMixin, nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, **kwargs):
         cache = cache_argument(cache, kwargs)
-        if position_embeddings is None:
-            raise ValueError("position_embeddings (cos, sin) are required: the layer uses the RoPE "
-                             "the model computes once per forward")
-        V.check_tensor("hidden_states", hidden_states, 3, "[batch, seq, hidden]")
-        check_input_dtype("hidden_states", hidden_states, self.q_proj.weight)
+        check_layer_inputs(hidden_states, position_embeddings, self.q_proj.weight)
         b, s, _ = hidden_states.shape
         d, di, ix = self.head_dim, self.index_head_dim, self.indexer
         # the original layer's projections, norms and RoPE, as transformers computes them
