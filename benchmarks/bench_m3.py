@@ -107,6 +107,28 @@ def measure(fn, warmup: int, runs: int) -> dict:
             torch.cuda.empty_cache()
 
 
+def profile_step(fn, name: str) -> dict:
+    """torch.profiler over 5 calls of fn: the top kernels by device time (printed) and the
+    device-busy time per call against the wall time per call."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 5 * 1e3
+    attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    busy = sum(getattr(e, attr) for e in events if DEVICE != "cuda" or e.device_type.name == "CUDA")
+    print(f"--- {name}: one step, wall {wall:.2f} ms, device busy {busy / 5e3:.2f} ms")
+    print(prof.key_averages().table(sort_by=attr, row_limit=15))
+    return {"wall_ms": wall, "device_busy_ms": busy / 5e3}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -119,6 +141,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="tiny float32 shapes (a smoke test)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top kernels of one decode step of each path "
+                         "and the step's GPU-busy share")
     args = ap.parse_args()
     if DEVICE != "cuda" and not args.tiny:
         ap.error("needs a CUDA GPU (or --tiny for a smoke test on the CPU)")
@@ -172,8 +197,10 @@ def main():
         for name in ("openmsa", "hf"):
             paths.use(name)
             r = measure(step, args.warmup + 3, args.runs * 4)
+            if args.profile:
+                r["profile"] = profile_step(step, name)
             results.append(dict(phase="decode", tokens=n, path=name, **r))
-            print(results[-1], flush=True)
+            print({k: v for k, v in results[-1].items() if k != "profile"}, flush=True)
         cache = None  # frees the filled cache before the next context
     paths.use("openmsa")
 

@@ -9,6 +9,9 @@
 #  decode         benchmarks/bench_decode.py, the README's rows        -> decode.{json,md}
 #  training       benchmarks/bench_training.py at 32K, sparse ops only (log only)
 #  m3             benchmarks/bench_m3.py (MiniMax-M3 in transformers: openmsa vs its own path) -> m3/
+#  cp             benchmarks/bench_cp.py on one rank (NCCL): the CP step at CP_CONTEXTS against the
+#                 single-GPU op on the same tokens -> cp/
+# TESTS names the test paths of the tests step (default: tests).
 # Python packages the GPU image lacks or has too old (it cannot download) come as wheels
 # under .whl/ (e.g. `pip download --no-deps transformers==5.25.0 -d .whl`, passed with the
 # device tool's carry): they are unpacked to /tmp/openmsa_wheels, ahead on PYTHONPATH.
@@ -27,7 +30,7 @@ for step in $STEPS; do
   start=$(date +%s)
   case $step in
     tests)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -v -m gpu tests -p no:cacheprovider -rfE --durations=30 --continue-on-collection-errors 2>&1 \
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -v -m gpu ${TESTS:-tests} -p no:cacheprovider -rfE --durations=30 --continue-on-collection-errors 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -15 ;;
     sanitizer)
       # the bad inputs: cu_seqlens values, page ids, non-finite values
@@ -62,6 +65,10 @@ for step in $STEPS; do
     m3)
       timeout ${M3_TIMEOUT:-240} python3 benchmarks/bench_m3.py --out "$OUT/m3" 2>&1 \
         | tee -a "$OUT/bench.log" | tail -20 ;;
+    cp)
+      NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout ${CP_TIMEOUT:-200} \
+        torchrun --nproc-per-node 1 benchmarks/bench_cp.py --contexts ${CP_CONTEXTS:-131072} --out "$OUT/cp" 2>&1 \
+        | tee -a "$OUT/bench.log" | tail -8 ;;
     training)
       timeout ${TRAIN_TIMEOUT:-60} python3 benchmarks/bench_training.py --contexts 32768 \
         --max-flex 0 --max-dense 0 --out /tmp/training 2>&1 | tee -a "$OUT/bench.log" | tail -12 ;;
