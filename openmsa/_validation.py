@@ -141,6 +141,16 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_index_dtype(index_dtype) -> bool:
+    """``index_dtype`` of the Index Branch: None (rank the inputs as given) or
+    ``torch.float8_e4m3fn`` (rank their E4M3 quantization). Returns whether it is FP8."""
+    if index_dtype is None:
+        return False
+    if index_dtype is torch.float8_e4m3fn:
+        return True
+    raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn, got {index_dtype!r}")
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

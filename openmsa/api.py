@@ -92,7 +92,7 @@ def _unflatten_rows(t, batched: _Batch | None, row_dim: int):
 
 def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128, topk=16,
                  softmax_scale=None, deterministic=False, backend="auto", init_blocks=0,
-                 local_blocks=1, kv_start=None, kv_len=None):
+                 local_blocks=1, kv_start=None, kv_len=None, index_dtype=None):
     """Index Branch (docs/spec.md section 4): exp-free Top-k key blocks per query and KV group.
 
     Args:
@@ -106,6 +106,11 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
             ranked one: blocks ``0 .. init_blocks-1`` and the ``local_blocks`` blocks ending
             at the query's own block, where visible; ``init_blocks + local_blocks <= topk``.
         kv_start, kv_len: int32 ``[num_seqs]``, the fragment form (module docstring).
+        index_dtype: None, or ``torch.float8_e4m3fn`` to rank blocks by the scores of the
+            E4M3 quantization of qi and ki (one float32 scale per query row and per key
+            token, ``openmsa.serving.quantize_fp8_per_token``; an FP8 MMA on Hopper). The
+            selection is exact for the dequantized values; ``index_lse`` is still taken
+            over the scores of qi and ki as given, so the KL stays in their precision.
     Returns:
         ``topk_indices`` int32 ``[Hkv, total_q, topk]``: the selected earlier blocks, then
         the forced blocks in ascending order (the local block last), then -1 padding.
@@ -118,6 +123,7 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
     init_blocks, local_blocks = V.check_forced_blocks(init_blocks, local_blocks, topk)
     forced = dict(init_blocks=init_blocks, local_blocks=local_blocks)
     V.check_bool("deterministic", deterministic)
+    fp8 = V.check_index_dtype(index_dtype)
     (qi,), (ki,), cu_q, cu_k, batched = _packed([("qi", qi)], [("ki", ki)], cu_seqlens_q, cu_seqlens_k,
                                                  kv_start is not None or kv_len is not None)
     V.check_index_qk(qi, ki)
@@ -131,7 +137,7 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
         idx, lse = torch.ops.openmsa.indexer_topk(
             qi, ki, varlen.cu_seqlens_q, varlen.cu_seqlens_k, block_size=block_size, topk=topk,
             scale=scale, deterministic=deterministic, **forced, kv_start=varlen.kv_start,
-            kv_len=varlen.kv_len, impl=impl)
+            kv_len=varlen.kv_len, fp8=fp8, impl=impl)
     return _unflatten_rows(idx, batched, 1), _unflatten_rows(lse, batched, 1)
 
 
@@ -262,7 +268,8 @@ def indexer_kl_loss(q, k, qi, ki, topk_indices, cu_seqlens_q=None, cu_seqlens_k=
 
 def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128,
                   topk=16, softmax_scale=None, index_softmax_scale=None, deterministic=False,
-                  backend="auto", init_blocks=0, local_blocks=1, kv_start=None, kv_len=None):
+                  backend="auto", init_blocks=0, local_blocks=1, kv_start=None, kv_len=None,
+                  index_dtype=None):
     """The whole MSA layer core: Index Branch -> Main Branch -> sparse KL.
 
     Returns ``(out, kl_loss, topk_indices)``: out like q (differentiable w.r.t. q, k, v),
@@ -271,7 +278,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     bitwise-repeatable backward of ``sparse_attention`` and ``indexer_kl_loss`` (their
     ``deterministic`` option). ``init_blocks``, ``local_blocks``: the forced blocks of
     ``indexer_topk``. Non-finite inputs: the rules of those functions.
-    ``kv_start``/``kv_len``: the fragment form (module docstring).
+    ``kv_start``/``kv_len``: the fragment form (module docstring). ``index_dtype``: the
+    Index Branch's ranking precision (``indexer_topk``; the KL keeps the inputs' own).
     """
     backend = V.check_backend(backend)
     # Validate everything up front, including what only the later stages read.
@@ -289,6 +297,7 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     V.check_positive_int("topk", topk)
     V.check_forced_blocks(init_blocks, local_blocks, topk)
     V.check_bool("deterministic", deterministic)
+    V.check_index_dtype(index_dtype)
     stages = ("indexer_topk", "sparse_attention", "indexer_kl_loss")
     V.check_varlen(cu_q, cu_k, q_p.shape[0], k_p.shape[0], q_p.device,
                    read_values=any(resolve(op, backend, q_p.device) == "reference" for op in stages),
@@ -299,7 +308,8 @@ def msa_attention(q, k, v, qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, bloc
     kw = dict(block_size=block_size, backend=backend, kv_start=kv_start, kv_len=kv_len)
     idx, index_lse = indexer_topk(qi_p.detach(), ki_p.detach(), cu_q, cu_k, topk=topk,
                                   softmax_scale=index_softmax_scale, deterministic=deterministic,
-                                  init_blocks=init_blocks, local_blocks=local_blocks, **kw)
+                                  init_blocks=init_blocks, local_blocks=local_blocks,
+                                  index_dtype=index_dtype, **kw)
     out, lse = sparse_attention(q_p, k_p, v_p, idx, cu_q, cu_k, softmax_scale=softmax_scale,
                                 deterministic=deterministic, **kw)
     kl = indexer_kl_loss(q_p.detach(), k_p.detach(), qi_p, ki_p, idx, cu_q, cu_k,

@@ -50,6 +50,7 @@ from .ops.append.reference import append_reference
 from .ops.attention.reference import attention_backward, attention_forward
 from .ops.indexer.reference import indexer_topk_reference
 from .ops.kl.reference import kl_backward, kl_forward
+from .ops.utils.fp8 import dequantize_fp8, quantize_fp8_per_token
 from .ops.utils.reference import compute_dtype, key_ranges
 
 # Triton launchers: name -> "module:function" (loaded on first use; tests may replace an
@@ -156,25 +157,31 @@ def _fresh(*xs):
 def indexer_topk(qi: Tensor, ki: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
                  block_size: int, topk: int, scale: float, deterministic: bool = False,
                  init_blocks: int = 0, local_blocks: int = 1, kv_start: Optional[Tensor] = None,
-                 kv_len: Optional[Tensor] = None, impl: str = "reference") -> tuple[Tensor, Tensor]:
+                 kv_len: Optional[Tensor] = None, fp8: bool = False,
+                 impl: str = "reference") -> tuple[Tensor, Tensor]:
     """Index Branch (docs/spec.md section 4): (topk_indices int32 [Hkv, total_q, topk],
     index_lse float32 [Hkv, total_q]). Not differentiable. ``init_blocks``,
-    ``local_blocks``: the forced blocks; ``kv_start``, ``kv_len``: the fragment form."""
+    ``local_blocks``: the forced blocks; ``kv_start``, ``kv_len``: the fragment form;
+    ``fp8``: rank the E4M3 quantization of qi and ki (one scale per vector,
+    ``ops/utils/fp8.py``), index_lse from the inputs as given."""
     _check_impl(impl)
     varlen = _varlen(cu_seqlens_q, cu_seqlens_k, qi.shape[0], ki.shape[0], impl, kv_start, kv_len)
     forced = dict(init_blocks=init_blocks, local_blocks=local_blocks)
     if impl == "reference":
-        idx, lse = indexer_topk_reference(qi, ki, varlen.cu_q, varlen.cu_k, block_size=block_size,
-                                          topk=topk, scale=scale, kv_ranges=varlen.kv_ranges, **forced)
+        ranked = tuple(dequantize_fp8(*quantize_fp8_per_token(x, finite_payload=True))
+                       for x in (qi, ki)) if fp8 else (qi, ki)
+        idx, lse = indexer_topk_reference(*ranked, varlen.cu_q, varlen.cu_k, block_size=block_size,
+                                          topk=topk, scale=scale, kv_ranges=varlen.kv_ranges,
+                                          lse_inputs=(qi, ki) if fp8 else None, **forced)
     else:
         idx, lse = _run_kernel("indexer_topk", (), qi, ki, varlen, block_size=block_size,
-                               topk=topk, scale=scale, deterministic=deterministic, **forced)
+                               topk=topk, scale=scale, deterministic=deterministic, fp8=fp8, **forced)
     return _fresh(idx, lse)
 
 
 @indexer_topk.register_fake
 def _(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size, topk, scale, deterministic=False,
-      init_blocks=0, local_blocks=1, kv_start=None, kv_len=None, impl="reference"):
+      init_blocks=0, local_blocks=1, kv_start=None, kv_len=None, fp8=False, impl="reference"):
     total_q, hkv = qi.shape[0], qi.shape[1]
     return (qi.new_empty((hkv, total_q, topk), dtype=torch.int32),
             qi.new_empty((hkv, total_q), dtype=torch.float32))

@@ -135,6 +135,8 @@ def run_ops(compiler: Compiler) -> None:
         # forced blocks; the fragment form (two query fragments of the first sequence)
         openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, init_blocks=1, local_blocks=2,
                              backend="triton")
+        openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, index_dtype=torch.float8_e4m3fn,
+                             backend="triton")
         n = lens[0]
         cu_f = torch.tensor([0, n // 2, n], dtype=torch.int32)
         kv_start, kv_len = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([n // 2, n], dtype=torch.int32)

@@ -97,6 +97,11 @@ def replay_after_replan(wrapper, q, qi, k_cache, v_cache, ki_cache, cu_q, new_kv
 # float32 whatever the summation order.
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# Hopper's FP8 MMA does not accumulate in full float32: DeepSeek-V3's report (section 3.3.2)
+# measured "around 14 bits" of accumulation precision on H800s. One bit of slack: the unit
+# roundoff of a 13-bit significand. (Triton's interpreter accumulates FP8 products exactly
+# in float32, so there the float32 bound holds.)
+FP8_MMA_UNIT_ROUNDOFF = 2.0 ** -13
 
 
 def block_scores64(qi, ki, cu_q, cu_k, block_size, scale, rows_per_chunk=512):

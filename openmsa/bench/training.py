@@ -4,7 +4,7 @@ GPU, and benchmarks/bench_training.py).
     openmsa bench --contexts 8192 32768 131072 --out DIR
 
 Times, in one process on one card: openmsa's Triton ops (sparse attention forward,
-and the indexer when it is registered), FlexAttention with MSA's block budget, and
+and the indexer with 16-bit and with FP8 ranking when it is registered), FlexAttention with MSA's block budget, and
 dense causal SDPA (cuDNN). Writes DIR/bench_training.json and .md.
 """
 
@@ -65,6 +65,9 @@ def run_context(n, cfg, args, dev):
     if "indexer_topk" in TRITON_KERNELS:
         record("openmsa indexer_topk", safe_bench(lambda i: lambda: openmsa.indexer_topk(
             sets[i % len(sets)]["qi"], sets[i % len(sets)]["ki"], cu, cu), len(sets), runs=runs), f["index"])
+        record("openmsa indexer_topk (FP8 ranking)", safe_bench(lambda i: lambda: openmsa.indexer_topk(
+            sets[i % len(sets)]["qi"], sets[i % len(sets)]["ki"], cu, cu, index_dtype=torch.float8_e4m3fn),
+            len(sets), runs=runs), f["index"])
     record("openmsa sparse_attention fwd" + tag, safe_bench(lambda i: lambda: openmsa.sparse_attention(
         sets[i % len(sets)]["q"], sets[i % len(sets)]["k"], sets[i % len(sets)]["v"], idx, cu, cu),
         len(sets), runs=runs), f["sparse_fwd"])

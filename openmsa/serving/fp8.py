@@ -13,20 +13,7 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite E4M3 value
-
-
-def quantize_fp8_per_token(x: torch.Tensor):
-    """``x [..., Di]`` -> ``(x_fp8 [..., Di] float8_e4m3fn, scale [...] float32)`` with
-    ``x ~= x_fp8 * scale[..., None]``, scale = amax over the last dim / 448 (1 for a zero
-    row). No host synchronisation."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError("x must be a floating-point tensor with at least one dimension")
-    xf = x.float()
-    amax = xf.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (xf / scale[..., None]).to(FP8), scale
+from ..ops.utils.fp8 import FP8, FP8_MAX, quantize_fp8_per_token  # noqa: F401  (the serving API)
 
 
 def append_index_scales(ki_scale: torch.Tensor, scales: torch.Tensor, slot_mapping: torch.Tensor) -> None:

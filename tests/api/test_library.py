@@ -57,6 +57,8 @@ def test_opcheck_indexer_topk(impl):
           dict(init_blocks=1, local_blocks=2, impl=impl))
     check(OPS.indexer_topk.default, (qi, ki, CU_Q, None, 64, 2, 0.125, True),
           dict(kv_start=cu(150, 150), kv_len=cu(40, 70), impl=impl))
+    check(OPS.indexer_topk.default, (qi, ki, CU_Q, cu(0, 150, 220), 64, 2, 0.125, True),
+          dict(fp8=True, impl=impl))  # FP8 ranking
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -20,6 +20,14 @@ sequence. The program
 
 The block max propagates NaN (``openmsa.ops.utils.topk.block_max``).
 
+KI_FP8: qi and ki in E4M3 with one float32 scale per query row (``QI_SCALE``, [total_q,
+Hkv]) and per key token (``KI_SCALE``): the FP8 MMA runs at twice the 16-bit rate, each
+score column is multiplied by its key's scale before the block max and each row's block
+max by its query's scale. The payloads are finite (a non-finite vector has a zero
+payload and a NaN scale, ``ops/utils/fp8.py``), so NaN reaches the scores through the
+scales. The LSE pass reads the unquantized inputs (``QI_LSE``, ``KI_LSE``, laid out
+as the FP8 copies): index_lse is the 16-bit inputs' in both modes.
+
 Exactness of the ranking
 ------------------------
 * Candidate blocks c < l(row) - LOCAL + 1 <= l(row) are full and wholly visible
@@ -63,7 +71,7 @@ def _next_forced(after, n_init, lo_local, local, row_ok):
 
 @triton.jit
 def _indexer_topk_kernel(
-    QI, KI, CU_Q, CU_K, KV_START, KV_LEN, TILE_END,
+    QI, KI, QI_SCALE, KI_SCALE, QI_LSE, KI_LSE, CU_Q, CU_K, KV_START, KV_LEN, TILE_END,
     TOPK_OUT, LSE_OUT, PAGE_TABLE,
     scale,
     num_seqs, total_q, hkv,
@@ -74,7 +82,7 @@ def _indexer_topk_kernel(
     SEARCH_ITERS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NAN_MAX_REDUCE: tl.constexpr, COMPUTE_LSE: tl.constexpr,
     PAGED: tl.constexpr, FRAGMENTS: tl.constexpr, INIT_BLOCKS: tl.constexpr,
-    LOCAL_BLOCKS: tl.constexpr,
+    LOCAL_BLOCKS: tl.constexpr, KI_FP8: tl.constexpr,
 ):
     NSEL: tl.constexpr = TOPK - INIT_BLOCKS - LOCAL_BLOCKS  # ranked slots
 
@@ -124,6 +132,8 @@ def _indexer_topk_kernel(
     qi = tl.load(QI + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     k_base = KI + k_start.to(tl.int64) * stride_kt
+    if KI_FP8:  # the rows' dequantization scales times the softmax scale
+        row_scale = tl.load(QI_SCALE + q_rows * hkv + g, mask=row_ok, other=1.0) * scale
     # PAGED (serving): ki is a page pool [num_pages, BLOCK, Di]; block c of sequence b is
     # physical page page_table[b, c] (cu_k then only gives the sequence's key count)
     pt_row = PAGE_TABLE + b.to(tl.int64) * stride_pb
@@ -142,9 +152,15 @@ def _indexer_topk_kernel(
             else:
                 kk = (c * BLOCK + offs_n).to(tl.int64)
                 k_blk = tl.load(k_base + kk[:, None] * stride_kt + offs_d[None, :])
-            z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
-            # == max of (z * scale), exactly (rounding is monotone)
-            score = block_max(z, 1, NAN_MAX_REDUCE) * scale
+            if KI_FP8:
+                # E4M3 qi and ki (an FP8 MMA): the key scales enter before the block max
+                # (a factor per column), the query scales after it (one per row)
+                z = tl.dot(qi, tl.trans(k_blk)) * tl.load(KI_SCALE + k_start.to(tl.int64) + kk)[None, :]
+                score = block_max(z, 1, NAN_MAX_REDUCE) * row_scale
+            else:
+                z = tl.dot(qi, tl.trans(k_blk), input_precision=DOT_PRECISION)
+                # == max of (z * scale), exactly (rounding is monotone)
+                score = block_max(z, 1, NAN_MAX_REDUCE) * scale
             keys, kmin = topk_insert(keys, kmin, score_key(score, c), c < cand_end)
         if DETERMINISTIC:
             keys = sorted_topk(keys, NSEL, KPAD)
@@ -165,6 +181,10 @@ def _indexer_topk_kernel(
 
     if COMPUTE_LSE:
         # ---------------------------------------------------------------- LSE pass
+        if KI_FP8:  # the LSE of the unquantized inputs (same layout as the FP8 copies)
+            qi = tl.load(QI_LSE + q_rows[:, None] * stride_qt + g * stride_qh + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            k_base = KI_LSE + k_start.to(tl.int64) * stride_kt
         # Walk the union of the tile's selected blocks in increasing id order (a merge of the
         # rows' lists); each row accumulates an online logsumexp (base 2) over the visible
         # tokens of its own blocks.

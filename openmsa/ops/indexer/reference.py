@@ -33,10 +33,12 @@ def _rank_blocks(block_score: torch.Tensor, candidate: torch.Tensor) -> torch.Te
 
 def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple | None, *, block_size: int, topk: int,
                            scale: float, init_blocks: int = 0, local_blocks: int = 1,
-                           kv_ranges: tuple | None = None):
+                           kv_ranges: tuple | None = None, lse_inputs: tuple | None = None):
     """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; cu_q/cu_k host tuples, or cu_q and the
     fragment form's ``kv_ranges`` (starts, lens) in place of cu_k;
-    init_blocks + local_blocks <= topk.
+    init_blocks + local_blocks <= topk. ``lse_inputs``: (qi, ki) of the same shapes whose
+    scores the index_lse is taken over (the selection still ranks ``qi``, ``ki``): the
+    FP8 path ranks the dequantized values and normalises with the unquantized ones.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
     """
@@ -49,6 +51,8 @@ def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple | None, *, block_siz
     for q0, lq, k0, lk in sequences(cu_q, key_ranges(cu_k, kv_ranges)):
         num_blocks = (lk + block_size - 1) // block_size
         ki_seq = ki[k0:k0 + lk, 0].to(cdt)  # [Lk, Di]
+        if lse_inputs is not None:
+            ki_lse = lse_inputs[1][k0:k0 + lk, 0].to(cdt)
         keys = torch.arange(lk, device=device)
         block_ids = torch.arange(num_blocks, device=device)
         # z, its masked copy and the token mask dominate: ~4 float-sized tensors of Hkv x Lk.
@@ -86,6 +90,9 @@ def indexer_topk_reference(qi, ki, cu_q: tuple, cu_k: tuple | None, *, block_siz
             topk_indices[:, q0 + r0:q0 + r1] = row.to(torch.int32)
 
             # Selected LSE over T(t, g): tokens of chosen blocks that are visible.
+            if lse_inputs is not None:
+                z = torch.matmul(lse_inputs[0][q0 + r0:q0 + r1].to(cdt).transpose(0, 1), ki_lse.t()) * scale
+                z = z.masked_fill(~visible, float("-inf"))
             in_set = torch.zeros(hkv, r1 - r0, num_blocks + 1, dtype=torch.bool, device=device)
             in_set.scatter_(-1, torch.where(row < 0, num_blocks, row), True)
             token_in_set = in_set[..., :num_blocks].repeat_interleave(block_size, -1)[..., :lk]

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ..utils.configs import launch_config
+from ..utils.fp8 import FP8, quantize_fp8_per_token
 from ..utils.shapes import check_kernel_shapes
 from .kernels import _indexer_topk_kernel
 from .lse import index_lse_kv_outer
@@ -26,9 +27,12 @@ NAN_MAX_REDUCE: bool | None = None
 
 def config(di: int, dtype: torch.dtype, nsel: int, device=None):
     """(BLOCK_M, num_warps, num_stages) of one launch with ``nsel`` ranked slots per row
-    (``configs.Indexer``)."""
+    (``configs.Indexer``); ``dtype``: the dtype the kernel's dots take."""
     cfg = launch_config("indexer", device)
-    block_m, num_warps, num_stages = cfg.float32_tile if dtype == torch.float32 else cfg.tiles[di]
+    if dtype == FP8:
+        block_m, num_warps, num_stages = cfg.fp8_tiles[di]
+    else:
+        block_m, num_warps, num_stages = cfg.float32_tile if dtype == torch.float32 else cfg.tiles[di]
     if nsel > 32:
         block_m = min(block_m, cfg.large_topk_rows)
     return block_m, num_warps, num_stages
@@ -48,7 +52,7 @@ def _interpreting() -> bool:
 
 def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: float,
                         deterministic: bool, page_table=None, out=None, with_lse: bool = True,
-                        init_blocks: int = 0, local_blocks: int = 1):
+                        init_blocks: int = 0, local_blocks: int = 1, fp8: bool = False):
     """qi [total_q, Hkv, Di], ki [total_k, 1, Di]; varlen: openmsa._validation.Varlen.
 
     Returns (topk_indices int32 [Hkv, total_q, topk], index_lse float32 [Hkv, total_q]).
@@ -58,6 +62,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     sequence's key count; ``out`` is a preallocated topk_indices buffer;
     ``with_lse=False`` skips the selected LSE (index_lse is then None). ``init_blocks``,
     ``local_blocks``: the forced blocks (docs/spec.md section 4; at most topk together).
+    ``fp8``: rank the E4M3 quantization of qi (per row) and ki (per token) with an FP8 MMA
+    (``kernels.py``); index_lse still comes from the unquantized qi, ki.
     """
     check_kernel_shapes("indexer_topk", "indexer", block_size=block_size, qi=qi, topk=topk)
     total_q, hkv, di = qi.shape
@@ -73,6 +79,15 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     if ki.stride(-1) != 1:
         ki = ki.contiguous()
     paged = page_table is not None
+    if fp8 and paged:
+        raise NotImplementedError("indexer_topk_triton: fp8 ranks packed index keys, not a page pool")
+    qi_lse, ki_lse = qi, ki
+    qi_scale = ki_scale = None
+    if fp8:  # contiguous: the kernel reads both copies with one set of strides
+        qi_lse, ki_lse = qi.contiguous(), ki.contiguous()
+        qi, qi_scale = quantize_fp8_per_token(qi_lse, finite_payload=True)  # [total_q, Hkv]
+        ki, ki_scale = quantize_fp8_per_token(ki_lse, finite_payload=True)
+        ki_scale = ki_scale.reshape(-1)
 
     nsel = topk - init_blocks - local_blocks  # ranked slots per row
     block_m, num_warps, num_stages = config(di, qi.dtype, nsel, device)
@@ -88,7 +103,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
     _indexer_topk_kernel[grid](
-        qi, ki, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
+        qi, ki, qi_scale if fp8 else cu_q, ki_scale if fp8 else cu_q, qi_lse, ki_lse, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
         varlen.kv_len if fragments else cu_q, tile_end, topk_indices, index_lse if with_lse else topk_indices,
         page_table if paged else cu_q,
         float(scale), num_seqs, total_q, hkv,
@@ -101,9 +116,9 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         DOT_PRECISION="ieee" if qi.dtype == torch.float32 else "tf32",
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
         COMPUTE_LSE=mode == "union", PAGED=paged, FRAGMENTS=fragments, INIT_BLOCKS=init_blocks,
-        LOCAL_BLOCKS=local_blocks,
+        LOCAL_BLOCKS=local_blocks, KI_FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )
     if mode == "kv_outer":
-        index_lse = index_lse_kv_outer(qi, ki, topk_indices, varlen, block_size=block_size, scale=scale)
+        index_lse = index_lse_kv_outer(qi_lse, ki_lse, topk_indices, varlen, block_size=block_size, scale=scale)
     return topk_indices, index_lse

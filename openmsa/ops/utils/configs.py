@@ -98,7 +98,8 @@ class Indexer:
     the int64 Top-k state [128, KPAD] in ~155 registers without spills (sm_90, Triton 3.6);
     stages = ki blocks in flight (B = Di = 128: 32 KB of qi + 3 x 32 KB). float32 inputs
     (exact dots on CUDA cores) use a small tile; topk > 33 (64 int64 slots per row) halves
-    the tile. ``lse_mode``: where the selected index LSE is computed, "union" (inside the
+    the tile; ``fp8_tiles``: the same per Di for E4M3 qi, ki (``fp8=True``). ``lse_mode``:
+    where the selected index LSE is computed, "union" (inside the
     Top-k kernel: each query tile walks the union of its rows' blocks), "kv_outer"
     (ops/indexer/lse.py: exactly the selected (row, block) pairs) or "auto": KV-outer from
     ``kv_outer_min_mean_keys`` keys per sequence on (it pays a fixed ~1 ms for its
@@ -107,6 +108,8 @@ class Indexer:
 
     tiles: dict = field(default_factory=lambda: {64: (128, 8, 3), 128: (128, 8, 3),
                                                  256: (64, 8, 2)})
+    fp8_tiles: dict = field(default_factory=lambda: {64: (128, 8, 3), 128: (128, 8, 3),
+                                                     256: (64, 8, 2)})
     float32_tile: tuple = (32, 8, 2)
     large_topk_rows: int = 64
     lse_mode: str = "auto"
