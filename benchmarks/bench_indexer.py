@@ -16,8 +16,8 @@ One causal sequence per context, bf16 inputs, Hkv=4 Di=128 B=128 K=16. Per conte
   so attention-mass recall is measured on trained models instead
   (experiments/retrieval/analysis/fp8_index.py).
 
-``--sweep`` also times the FP8 launch settings of ``configs.Indexer.fp8_tiles`` listed in
-SWEEP at the first context. Writes DIR/bench_indexer.json and .md.
+``--sweep N ...`` also times the launch settings of ``configs.Indexer`` listed in SWEEP at
+those contexts (twice, interleaved, up to 128K). Writes DIR/bench_indexer.json and .md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from openmsa.ops.utils.configs import override  # noqa: E402
 
 HKV, DI, B, K = 4, 128, 128, 16
 FP8 = torch.float8_e4m3fn
-SWEEP = [(128, 8, 3), (128, 8, 4), (128, 8, 2), (64, 4, 3), (64, 4, 4), (256, 8, 2)]
+# (label, index_dtype, fields of configs.Indexer): the launch settings --sweep compares
+SWEEP = [
+    ("bf16 default", None, {}),
+    ("bf16 3 stages, no register cap", None, {"tiles": {DI: (128, 8, 3)}, "maxnreg": 0}),
+    ("fp8 default", FP8, {}),
+    ("fp8 no register cap", FP8, {"fp8_maxnreg": 0}),
+    ("fp8 64 rows, 4 warps", FP8, {"fp8_tiles": {DI: (64, 4, 3)}}),
+]
 
 
 def useful_flops(n: int) -> int:
@@ -79,7 +86,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072, 1048576])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--quality-rows", type=int, default=512)
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", type=int, nargs="*", default=[],
+                    help="contexts at which to time every launch setting of SWEEP")
     ap.add_argument("--out", default="benchmarks/results/local/indexer")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -105,18 +113,20 @@ def main():
         row["quality"] = quality(qi, ki, sel["bf16"], sel["fp8"], args.quality_rows,
                                  torch.Generator(device=dev).manual_seed(1))
         print(f"  {n:>8} fp8 speedup {row['fp8_speedup']:.2f}x, quality {row['quality']}", flush=True)
-        if args.sweep and n == args.contexts[0]:
-            row["fp8_sweep"] = []
-            for cfg in SWEEP:
-                try:
-                    with override("indexer", fp8_tiles={DI: cfg}):
-                        res = bench(lambda i: lambda: openmsa.indexer_topk(
-                            qi, ki, cu, cu, block_size=B, topk=K, index_dtype=FP8), 1, runs=runs)
-                    row["fp8_sweep"].append({"tile": cfg, **res})
-                    print(f"  {n:>8} fp8 tile {cfg}: {res['median_ms']:9.3f} ms", flush=True)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    row["fp8_sweep"].append({"tile": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                    print(f"  {n:>8} fp8 tile {cfg}: failed {type(exc).__name__}", flush=True)
+        if n in args.sweep:
+            row["sweep"] = []
+            for rep in range(2 if n <= 131072 else 1):  # twice, interleaved, where it is cheap
+                for label, dt, fields in SWEEP:
+                    try:
+                        with override("indexer", **fields):
+                            res = bench(lambda i: lambda: openmsa.indexer_topk(
+                                qi, ki, cu, cu, block_size=B, topk=K, index_dtype=dt), 1, runs=runs)
+                        row["sweep"].append({"setting": label, "rep": rep, **res})
+                        print(f"  {n:>8} {label:40s} {res['median_ms']:9.3f} ms", flush=True)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                        row["sweep"].append({"setting": label, "rep": rep,
+                                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                        print(f"  {n:>8} {label:40s} failed {type(exc).__name__}", flush=True)
         rows.append(row)
         del qi, ki, sel
         torch.cuda.empty_cache()

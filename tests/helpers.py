@@ -189,3 +189,15 @@ def assert_selection_matches(idx, ref_idx, scores, bound, *, ordered=False):
         a, b = s[..., :-1], s[..., 1:]
         ok = (a > b) | ((a == b) & (sel[..., :-1] < sel[..., 1:])) | ((a - b).abs() <= bound)
         assert not bool((pair & ~ok).any()), f"{int((pair & ~ok).any(-1).sum())} rows out of order"
+
+
+def fp8_lossless(shape, gen):
+    """Values whose per-vector E4M3 quantization (``openmsa.ops.utils.fp8``) is exact and
+    whose dot products are exact in float32: every vector's largest |value| is 7 (scale
+    7 / 448 = 2**-6) and the others are multiples of 1/4 in [-4, 4] (E4M3 values 16 j,
+    |j| <= 16: at most 4 significant bits)."""
+    x = torch.randint(-16, 17, shape, generator=gen).float() / 4
+    top = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    sign = torch.randint(0, 2, shape[:-1], generator=gen).float() * 2 - 1
+    x.scatter_(-1, top[..., None], (7 * sign)[..., None])
+    return x

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 EXP = ROOT / "experiments" / "retrieval"
 from experiments.retrieval import evaluation
+from experiments.retrieval.analysis import fp8_index
 from experiments.retrieval import model as M
 from experiments.retrieval import plot
 from experiments.retrieval import task as T
@@ -433,6 +434,12 @@ def test_every_variant_end_to_end(tmp_path):
     assert len(c["recall"]) == 2 and 0 <= c["recall_mean"]["mass_recall"] <= 1 + 1e-6
     assert "recall" not in json.loads((runs / "dense" / "eval.json").read_text())["contexts"]["256"]
     assert len(c["ablation_acc"]) == 2 and all(0 <= x <= 1 for x in c["ablation_acc"])
+    # FP8 ranking of the trained index against its own (analysis/fp8_index.py)
+    fp8_index.main([str(runs / "msa_native"), "--contexts", "256", "--seqs", "1", "--device", "cpu",
+                    "--out", str(tmp_path / "fp8")])
+    rows = json.loads((tmp_path / "fp8" / "fp8_index.json").read_text())["contexts"]["256"]
+    assert len(rows) == 2 and all(0 <= r["agreement"] <= 1 and 0 <= r["fp8_mass_recall"] <= 1 + 1e-6
+                                  for r in rows)
 
     # the chain haystack with the filler loss: logged and evaluated
     train.main(TOY + ["--variant", "msa_native", "--out", str(runs / "chain"), "--steps", "3",

@@ -19,6 +19,7 @@ import torch
 
 import openmsa
 from helpers import FP32_UNIT_ROUNDOFF, FP8_MMA_UNIT_ROUNDOFF, assert_selection_matches, block_scores64
+from helpers import fp8_lossless as lossless
 from helpers import gen_for, make_cu, rounding_bound
 from helpers import rel_finite as rel
 from openmsa.ops.utils.fp8 import dequantize_fp8, quantize_fp8_per_token
@@ -26,15 +27,6 @@ from openmsa.ops.utils.fp8 import dequantize_fp8, quantize_fp8_per_token
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 TOL = 1e-5
-
-
-def lossless(shape, gen):
-    """Values whose per-vector E4M3 quantization is exact (module docstring)."""
-    x = torch.randint(-16, 17, shape, generator=gen).float() / 4
-    top = torch.randint(0, shape[-1], shape[:-1], generator=gen)
-    sign = torch.randint(0, 2, shape[:-1], generator=gen).float() * 2 - 1
-    x.scatter_(-1, top[..., None], (7 * sign)[..., None])
-    return x
 
 
 def dequantized(x):

@@ -102,6 +102,11 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     max_tiles = triton.cdiv(total_q, block_m) + num_seqs  # >= sum of cdiv(Lq_b, BLOCK_M)
     kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
+    cfg = launch_config("indexer", device)
+    # the register caps were measured for packed keys; not capped: the paged variant (more
+    # state), float32 inputs, and FP8 with the LSE pass compiled in (760 B of stack at 128)
+    uncapped = paged or qi.dtype == torch.float32 or (fp8 and mode == "union")
+    cap = 0 if uncapped else (cfg.fp8_maxnreg if fp8 else cfg.maxnreg)
     _indexer_topk_kernel[grid](
         qi, ki, qi_scale if fp8 else cu_q, ki_scale if fp8 else cu_q, qi_lse, ki_lse, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
         varlen.kv_len if fragments else cu_q, tile_end, topk_indices, index_lse if with_lse else topk_indices,
@@ -117,7 +122,7 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         NAN_MAX_REDUCE=NAN_MAX_REDUCE if NAN_MAX_REDUCE is not None else not _interpreting(),
         COMPUTE_LSE=mode == "union", PAGED=paged, FRAGMENTS=fragments, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, KI_FP8=fp8,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": cap} if cap else {}),
     )
     if mode == "kv_outer":
         index_lse = index_lse_kv_outer(qi_lse, ki_lse, topk_indices, varlen, block_size=block_size, scale=scale)
