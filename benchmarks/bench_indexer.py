@@ -40,7 +40,7 @@ FP8 = torch.float8_e4m3fn
 # (label, index_dtype, fields of configs.Indexer): the launch settings --sweep compares
 SWEEP = [
     ("bf16 default", None, {}),
-    ("bf16 3 stages, no register cap", None, {"tiles": {DI: (128, 8, 3)}, "maxnreg": 0}),
+    ("bf16 one program per SM", None, {"two_program_tiles": {}}),
     ("fp8 default", FP8, {}),
     ("fp8 no register cap", FP8, {"fp8_maxnreg": 0}),
     ("fp8 64 rows, 4 warps", FP8, {"fp8_tiles": {DI: (64, 4, 3)}}),

@@ -112,6 +112,7 @@ def run_ops(compiler: Compiler) -> None:
         return getattr(importlib.import_module(module), name)
 
     from openmsa import library
+    from openmsa.ops.utils.configs import override
 
     _backend._load = library._load = load
     library._upcast_bf16 = lambda x: x  # bfloat16 reaches the kernels, as on a GPU
@@ -135,8 +136,14 @@ def run_ops(compiler: Compiler) -> None:
         # forced blocks; the fragment form (two query fragments of the first sequence)
         openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, init_blocks=1, local_blocks=2,
                              backend="triton")
+        # FP8 ranking; and both rankings as long contexts launch them (the LSE after the
+        # Top-k, two programs per SM)
         openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, index_dtype=torch.float8_e4m3fn,
                              backend="triton")
+        with override("indexer", lse_mode="kv_outer"):
+            for index_dtype in (None, torch.float8_e4m3fn):
+                openmsa.indexer_topk(qi, ki, cu, cu, block_size=bs, topk=topk, index_dtype=index_dtype,
+                                     backend="triton")
         n = lens[0]
         cu_f = torch.tensor([0, n // 2, n], dtype=torch.int32)
         kv_start, kv_len = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([n // 2, n], dtype=torch.int32)

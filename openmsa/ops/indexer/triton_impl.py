@@ -25,17 +25,32 @@ from .lse import index_lse_kv_outer
 NAN_MAX_REDUCE: bool | None = None
 
 
-def config(di: int, dtype: torch.dtype, nsel: int, device=None):
+def config(di: int, dtype: torch.dtype, nsel: int, device=None, *, two_programs: bool = False):
     """(BLOCK_M, num_warps, num_stages) of one launch with ``nsel`` ranked slots per row
-    (``configs.Indexer``); ``dtype``: the dtype the kernel's dots take."""
+    (``configs.Indexer``); ``dtype``: the dtype the kernel's dots take; ``two_programs``:
+    the settings for two programs per SM (with ``register_cap``)."""
     cfg = launch_config("indexer", device)
     if dtype == FP8:
         block_m, num_warps, num_stages = cfg.fp8_tiles[di]
+    elif dtype == torch.float32:
+        block_m, num_warps, num_stages = cfg.float32_tile
+    elif two_programs and di in cfg.two_program_tiles:
+        block_m, num_warps, num_stages = cfg.two_program_tiles[di]
     else:
-        block_m, num_warps, num_stages = cfg.float32_tile if dtype == torch.float32 else cfg.tiles[di]
+        block_m, num_warps, num_stages = cfg.tiles[di]
     if nsel > 32:
         block_m = min(block_m, cfg.large_topk_rows)
     return block_m, num_warps, num_stages
+
+
+def register_cap(di: int, dtype: torch.dtype, device=None, *, two_programs: bool) -> int:
+    """maxnreg of one launch (0: the compiler's choice, ``configs.Indexer``)."""
+    cfg = launch_config("indexer", device)
+    if not two_programs or dtype == torch.float32:
+        return 0
+    if dtype == FP8:
+        return cfg.fp8_maxnreg
+    return cfg.maxnreg if di in cfg.two_program_tiles else 0
 
 
 def lse_mode(total_k: int, num_seqs: int, device=None) -> str:
@@ -90,10 +105,13 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
         ki_scale = ki_scale.reshape(-1)
 
     nsel = topk - init_blocks - local_blocks  # ranked slots per row
-    block_m, num_warps, num_stages = config(di, qi.dtype, nsel, device)
     mode = lse_mode(ki.shape[0], varlen.num_seqs, device) if with_lse else None
     if paged and mode == "kv_outer":
         mode = "union"  # the KV-outer LSE pass reads packed keys
+    # two programs per SM where measured: packed keys, no LSE pass in the kernel
+    two = not paged and mode != "union"
+    block_m, num_warps, num_stages = config(di, qi.dtype, nsel, device, two_programs=two)
+    cap = register_cap(di, qi.dtype, device, two_programs=two)
     cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
     fragments = varlen.kv_start is not None
     # tile_end[b] = sum_{b' <= b} cdiv(Lq_b', BLOCK_M), on the device (no host sync)
@@ -102,11 +120,6 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     max_tiles = triton.cdiv(total_q, block_m) + num_seqs  # >= sum of cdiv(Lq_b, BLOCK_M)
     kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
-    cfg = launch_config("indexer", device)
-    # the register caps were measured for packed keys; not capped: the paged variant (more
-    # state), float32 inputs, and FP8 with the LSE pass compiled in (760 B of stack at 128)
-    uncapped = paged or qi.dtype == torch.float32 or (fp8 and mode == "union")
-    cap = 0 if uncapped else (cfg.fp8_maxnreg if fp8 else cfg.maxnreg)
     _indexer_topk_kernel[grid](
         qi, ki, qi_scale if fp8 else cu_q, ki_scale if fp8 else cu_q, qi_lse, ki_lse, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
         varlen.kv_len if fragments else cu_q, tile_end, topk_indices, index_lse if with_lse else topk_indices,

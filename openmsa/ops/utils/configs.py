@@ -92,36 +92,41 @@ class KLStudent:
 @dataclass(frozen=True)
 class Indexer:
     """Index Branch Top-k (ops/indexer): (rows per program, warps, stages) per index head
-    dim for 16-bit inputs. Each key block a program streams costs 2 x rows x B x Di FLOPs
-    for 2 x B x Di bytes of ki: at long context the kernel is bound by ki traffic from L2
-    unless the tile is tall, hence 128 rows. A program's dot and the block max / Top-k
-    update that read its result run one after the other, so the MMA idles unless a second
-    program shares the SM: ``maxnreg`` caps the registers (8 warps hold the float32 z tile
-    [128, B] and the int64 Top-k state in ~157 registers uncapped, 128 with 16-112 B of
-    stack) and 2 stages of ki blocks (32 KB of qi + 2 x 32 KB at B = Di = 128) leave the
-    shared memory for two programs: H200, bf16, one sequence, 128K 21.9 -> 17.4 ms, 1M 1248
-    -> 975 ms (450 -> 577 TFLOP/s; benchmarks/results/h200/indexer/). ``fp8_tiles`` and
-    ``fp8_maxnreg``: the same for E4M3 qi, ki (``fp8=True``; 16 KB blocks, so 3 stages fit
-    twice): 128K 17.3 -> 16.7 ms, 1M 1011 -> 839 ms. The caps apply to packed 16-bit and
-    FP8 keys (0: the compiler's choice; not to the paged variant, float32 inputs, or FP8
-    with the union LSE pass compiled in, which spills 760 B at 128 registers). float32 inputs (exact dots on CUDA cores) use a small tile; topk > 33 (64
-    int64 slots per row) halves the tile. Tried and slower everywhere: skipping the Top-k
-    update when no row of the tile inserts (a block-wide reduction per key block, +10% at
-    128K, +45% for FP8 at 1M). ``lse_mode``: where the selected index LSE is computed,
-    "union" (inside the Top-k kernel: each query tile walks the union of its rows'
-    blocks), "kv_outer" (ops/indexer/lse.py: exactly the selected (row, block) pairs) or
-    "auto": KV-outer from ``kv_outer_min_mean_keys`` keys per sequence on (it pays a fixed
-    ~1 ms for its schedule; H100 bf16, benchmarks/results/h100/indexer_lse_modes.log: 8K
-    1.66 vs 0.50 ms, 32K 3.09 vs 3.78, 128K 24.2 vs 51.5, 1M 1295 vs 2251)."""
+    dim. Each key block a program streams costs 2 x rows x B x Di FLOPs for 2 x B x Di
+    bytes of ki: at long context the kernel is bound by ki traffic from L2 unless the tile
+    is tall, hence 128 rows. A program's dot and the block max / Top-k update that read its
+    result run one after the other, so the MMA idles unless another program shares the SM.
 
-    tiles: dict = field(default_factory=lambda: {64: (128, 8, 3), 128: (128, 8, 2),
+    ``tiles``: one program per SM (8 warps hold the float32 z tile [128, B] and the int64
+    Top-k state in ~157 registers; 3 stages of ki blocks). ``two_program_tiles`` with the
+    register cap ``maxnreg`` (128: 24-32 B of stack) and 2 stages (32 KB of qi + 2 x 32 KB at
+    B = Di = 128) fit two programs per SM; used for packed keys when the LSE pass is not in
+    the kernel (``lse_mode`` "kv_outer", the long contexts): H200, bf16, one sequence, 32K
+    2.55 -> 2.03 ms, 128K 21.9 -> 17.2 ms, 1M 1248 -> 966 ms (450 -> 583 TFLOP/s;
+    benchmarks/results/h200/indexer/). With the union LSE pass compiled in (short contexts)
+    the cap cost 8K 0.51 -> 0.60 ms, so there ``tiles``. ``fp8_tiles``, ``fp8_maxnreg``:
+    E4M3 qi, ki (``fp8=True``; 16 KB blocks, 3 stages fit twice), capped likewise: 128K
+    17.0 -> 16.4 ms, 1M 1011 -> 836 ms. Not capped: the paged variant, float32 inputs
+    (exact dots on CUDA cores, a small tile). topk > 33 (64 int64 slots per row) halves the
+    tile. Tried and slower everywhere: skipping the Top-k update when no row of the tile
+    inserts (a block-wide reduction per key block: +10% at 128K, +45% for FP8 at 1M).
+
+    ``lse_mode``: where the selected index LSE is computed, "union" (inside the Top-k
+    kernel: each query tile walks the union of its rows' blocks), "kv_outer"
+    (ops/indexer/lse.py: exactly the selected (row, block) pairs) or "auto": KV-outer from
+    ``kv_outer_min_mean_keys`` keys per sequence on (it pays a fixed ~1 ms for its
+    schedule; H100 bf16, benchmarks/results/h100/indexer_lse_modes.log: 8K 1.66 vs 0.50
+    ms, 32K 3.09 vs 3.78, 128K 24.2 vs 51.5, 1M 1295 vs 2251)."""
+
+    tiles: dict = field(default_factory=lambda: {64: (128, 8, 3), 128: (128, 8, 3),
                                                  256: (64, 8, 2)})
+    two_program_tiles: dict = field(default_factory=lambda: {128: (128, 8, 2)})
+    maxnreg: int = 128
     fp8_tiles: dict = field(default_factory=lambda: {64: (128, 8, 3), 128: (128, 8, 3),
                                                      256: (64, 8, 2)})
+    fp8_maxnreg: int = 128
     float32_tile: tuple = (32, 8, 2)
     large_topk_rows: int = 64
-    maxnreg: int = 128
-    fp8_maxnreg: int = 128
     lse_mode: str = "auto"
     kv_outer_min_mean_keys: int = 16384
 
