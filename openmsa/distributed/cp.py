@@ -174,7 +174,8 @@ def _kl_coeff(plan: CPPlan, coeff: float) -> float:
 
 def msa_attention_cp(q, k, v, qi, ki, cu_seqlens, *, group=None, block_size=128, topk=16,
                      softmax_scale=None, index_softmax_scale=None, coeff=1.0,
-                     deterministic=False, backend="auto", init_blocks=0, local_blocks=1):
+                     deterministic=False, backend="auto", init_blocks=0, local_blocks=1,
+                     index_dtype=None):
     """``openmsa.msa_attention`` of one packed batch spread over the ranks of ``group``.
 
     Args:
@@ -191,7 +192,8 @@ def msa_attention_cp(q, k, v, qi, ki, cu_seqlens, *, group=None, block_size=128,
         gradient; every rank must run it (module docstring).
     """
     return _attention_cp(q, k, v, qi, ki, cu_seqlens, group, dict(topk=topk, init_blocks=init_blocks,
-                                                                  local_blocks=local_blocks),
+                                                                  local_blocks=local_blocks,
+                                                                  index_dtype=index_dtype),
                          block_size, softmax_scale, index_softmax_scale, coeff, deterministic, backend)
 
 

@@ -184,6 +184,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
         block_size, topk: B and K of the Index Branch.
         init_blocks, local_blocks: the Index Branch's forced blocks (docs/spec.md section 4;
             default 0 and 1: the local block alone).
+        index_dtype: None, or ``torch.float8_e4m3fn`` to rank the blocks by FP8 scores
+            (``openmsa.indexer_topk``; sparse mode).
         qk_norm: per-head RMSNorm on q, k, qi, ki.
         rotary_dim: channels rotated by RoPE (None: all of head_dim; 0: no RoPE). Must be
             even and at most min(head_dim, index_head_dim).
@@ -217,7 +219,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
                  qk_norm: bool = False, rotary_dim=None, rope_theta: float = 10000.0,
                  mode: str = "sparse", bias: bool = False, norm_eps: float = 1e-6,
                  backend: str = "auto", process_group=None, device=None, dtype=None,
-                 init_blocks: int = 0, local_blocks: int = 1):
+                 init_blocks: int = 0, local_blocks: int = 1, index_dtype=None):
         super().__init__()
         hidden_size = V.check_positive_int("hidden_size", hidden_size)
         num_heads = V.check_positive_int("num_heads", num_heads)
@@ -229,6 +231,8 @@ class MSAttention(IndexBranchMixin, nn.Module):
         self.block_size = V.check_positive_int("block_size", block_size)
         self.topk = V.check_positive_int("topk", topk)
         self.init_blocks, self.local_blocks = V.check_forced_blocks(init_blocks, local_blocks, self.topk)
+        V.check_index_dtype(index_dtype)
+        self.index_dtype = index_dtype
         rotary_dim = min(self.head_dim, self.index_head_dim) if rotary_dim is None else rotary_dim
         if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 0 \
                 or rotary_dim % 2 or rotary_dim > min(self.head_dim, self.index_head_dim):
@@ -353,7 +357,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
             kw = dict(group=self.process_group, block_size=self.block_size, backend=self.backend)
             if self.mode == "sparse":
                 o, kl, _ = msa_attention_cp(q, k, v, qi, ki, cu, topk=self.topk, init_blocks=self.init_blocks,
-                                            local_blocks=self.local_blocks, **kw)
+                                            local_blocks=self.local_blocks, index_dtype=self.index_dtype, **kw)
             else:
                 o, kl = dense_attention_cp(q, k, v, qi, ki, cu, **kw)
         elif t == 0:
@@ -366,7 +370,7 @@ class MSAttention(IndexBranchMixin, nn.Module):
             kl = qi.to(kl_dtype).sum() + ki.to(kl_dtype).sum()
         elif self.mode == "sparse":
             o, kl, _ = msa_attention(q, k, v, qi, ki, cu, cu, block_size=self.block_size,
-                                     topk=self.topk, backend=self.backend,
+                                     topk=self.topk, backend=self.backend, index_dtype=self.index_dtype,
                                      init_blocks=self.init_blocks, local_blocks=self.local_blocks)
         else:  # batched x is a pack of equal-length sequences (batch_shape): faster paths
             o, kl = dense_warmup_attention(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import openmsa
+from helpers import fp8_lossless
 from openmsa.distributed import shard
 
 # name -> case. Packs of short and uneven sequences: a sequence shorter than 2W (empty
@@ -17,6 +18,9 @@ CASES = {
                    backend="triton"),
     "gpu": dict(lens=[3000, 7, 700, 4200], hq=8, hkv=2, d=128, di=128, block=128, topk=16,
                 backend="triton"),
+    # FP8 ranking (index inputs exact in E4M3, helpers.fp8_lossless)
+    "fp8": dict(lens=[70, 5, 131], hq=4, hkv=2, d=16, di=16, block=16, topk=3, backend="reference",
+                index_dtype=torch.float8_e4m3fn),
 }
 # the layer test: K = every block, so the selection cannot depend on rounding
 LAYER = dict(lens=[40, 3, 57], hidden=32, heads=4, kv_heads=2, head_dim=8, index_head_dim=8,
@@ -37,10 +41,11 @@ def global_inputs(case, device):
     c = CASES[case]
     gen = torch.Generator().manual_seed(1234)
     t = sum(c["lens"])
+    index = fp8_lossless if "index_dtype" in c else dyadic
     x = dict(q=torch.randn(t, c["hq"], c["d"], generator=gen),
              k=torch.randn(t, c["hkv"], c["d"], generator=gen),
              v=torch.randn(t, c["hkv"], c["d"], generator=gen),
-             qi=dyadic((t, c["hkv"], c["di"]), gen), ki=dyadic((t, 1, c["di"]), gen),
+             qi=index((t, c["hkv"], c["di"]), gen), ki=index((t, 1, c["di"]), gen),
              dout=torch.randn(t, c["hq"], c["d"], generator=gen))
     return {n: v.to(device) for n, v in x.items()}, cu_of(c["lens"], device)
 
@@ -54,7 +59,8 @@ def run_single(case, device):
     x, cu = global_inputs(case, device)
     t = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "qi", "ki")}
     out, kl, idx = openmsa.msa_attention(t["q"], t["k"], t["v"], t["qi"], t["ki"], cu, cu,
-                                         block_size=c["block"], topk=c["topk"], backend=c["backend"])
+                                         block_size=c["block"], topk=c["topk"], backend=c["backend"],
+                                         index_dtype=c.get("index_dtype"))
     ((out * x["dout"]).sum() + KL_WEIGHT * kl).backward()
     return dict(out=out.detach(), kl=kl.detach(), idx=idx,
                 **{"d" + n: t[n].grad for n in ("q", "k", "v", "qi", "ki")})
@@ -68,7 +74,7 @@ def run_rank(case, device, world_size, rank, group=None):
     t = {n: s[n].clone().requires_grad_() for n in ("q", "k", "v", "qi", "ki")}
     out, kl, idx = openmsa.distributed.msa_attention_cp(
         t["q"], t["k"], t["v"], t["qi"], t["ki"], cu, group=group, block_size=c["block"],
-        topk=c["topk"], backend=c["backend"])
+        topk=c["topk"], backend=c["backend"], index_dtype=c.get("index_dtype"))
     ((out * s["dout"]).sum() + KL_WEIGHT * kl).backward()
     return dict(out=out.detach(), kl=kl.detach(), idx=idx,
                 **{"d" + n: t[n].grad for n in ("q", "k", "v", "qi", "ki")})

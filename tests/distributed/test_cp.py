@@ -5,7 +5,8 @@ world_size processes (cp_worker.py) over gloo each take their zigzag shard; the 
 compares: out, topk_indices and every gradient unsharded, the KL parts summed, on the
 reference backend and the Triton interpreter (float32), on varlen packs of short and uneven
 sequences; and a two-layer model whose parameter gradients, summed over the ranks, equal
-the single-process ones. Index inputs are dyadic (every dot exact in float32), so the
+the single-process ones. Index inputs are dyadic (every dot exact in float32; E4M3-exact for
+the FP8-ranking case), so the
 selections are equal exactly; the layer model selects every block (K = number of blocks).
 """
 
@@ -33,7 +34,8 @@ def _free_port() -> int:
 
 def start_ranks(world_size, jobs, out_dir, device="cpu"):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE),
+                                                      os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     return [subprocess.Popen([sys.executable, os.path.join(HERE, "cp_worker.py"), str(world_size),
                               str(r), str(port), str(out_dir), device, ",".join(jobs)],
@@ -75,10 +77,10 @@ def check_layer(parts, want, cu):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_context_parallel_equals_single_process(world_size, tmp_path):
-    jobs = ["op:ref", "op:triton", "layer:sparse", "layer:dense"]
+    jobs = ["op:ref", "op:triton", "op:fp8", "layer:sparse", "layer:dense"]
     procs = start_ranks(world_size, jobs, tmp_path)
     try:  # the single-process runs, while the ranks work
-        want = {f"op:{c}": cp_cases.run_single(c, "cpu") for c in ("ref", "triton")}
+        want = {f"op:{c}": cp_cases.run_single(c, "cpu") for c in ("ref", "triton", "fp8")}
         want.update({f"layer:{m}": cp_cases.run_layer(m) for m in ("sparse", "dense")})
     finally:
         wait_ranks(procs)

@@ -259,6 +259,28 @@ def test_sparse_with_few_blocks_differs_from_dense():
     assert rel(sparse, dense) > 1e-2
 
 
+def test_fp8_index_dtype_reaches_the_index_branch(monkeypatch):
+    """MSAttention(index_dtype=float8_e4m3fn) ranks with FP8 (the indexer gets the dtype)
+    and keeps the other ops as they are; a dtype it cannot rank with is refused."""
+    import openmsa.api as api
+    seen = []
+    real = api.indexer_topk
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("index_dtype"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(api, "indexer_topk", spy)
+    x = torch.randn(2, 16, HIDDEN)
+    m = make(mode="sparse", topk=2)
+    plain = m(x)
+    m.index_dtype = torch.float8_e4m3fn
+    fp8 = m(x)
+    assert seen == [None, torch.float8_e4m3fn]
+    assert plain.shape == fp8.shape and bool(torch.isfinite(fp8).all())
+    with pytest.raises(ValueError, match="index_dtype"):
+        MSAttention(HIDDEN, 4, 2, index_head_dim=16, block_size=BS, index_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_index_parameters(mode):
     m = make(mode=mode, qk_norm=True, bias=True)
