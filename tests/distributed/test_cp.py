@@ -6,8 +6,8 @@ compares: out, topk_indices and every gradient unsharded, the KL parts summed, o
 reference backend and the Triton interpreter (float32), on varlen packs of short and uneven
 sequences; and a two-layer model whose parameter gradients, summed over the ranks, equal
 the single-process ones. Index inputs are dyadic (every dot exact in float32; E4M3-exact for
-the FP8-ranking case), so the
-selections are equal exactly; the layer model selects every block (K = number of blocks).
+the FP8-ranking case), so the selections are equal exactly; the layer model selects every
+block (K = number of blocks).
 """
 
 import os
