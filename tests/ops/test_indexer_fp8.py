@@ -153,6 +153,32 @@ def test_msa_attention_with_an_fp8_index():
         assert rel(a, b) <= 1e-4
 
 
+@pytest.mark.parametrize("finite_payload", [False, True])
+def test_quantization_in_chunks_equals_one_pass(finite_payload, monkeypatch):
+    """The chunked quantization (bounded temporaries) gives the bits of one pass over all
+    vectors, non-finite ones included; the non-finite rule of each mode holds."""
+    from openmsa.ops.utils import fp8
+    x = torch.randn(300, 3, 64, generator=gen_for("fp8-chunks")).to(DEV, torch.bfloat16)
+    x[5, 1, 3] = float("nan")
+    x[7, 0, 0] = float("inf")
+    x[9, 2] = 0.0
+    whole, s_whole = fp8.quantize_fp8_per_token(x, finite_payload=finite_payload)
+    monkeypatch.setattr(fp8, "CHUNK_VECTORS", 7)
+    part, s_part = fp8.quantize_fp8_per_token(x, finite_payload=finite_payload)
+    assert torch.equal(whole.view(torch.uint8), part.view(torch.uint8))
+    assert torch.equal(s_whole.isnan(), s_part.isnan())
+    assert torch.equal(s_whole.nan_to_num(), s_part.nan_to_num())
+    assert s_whole[9, 2] == 1.0 and bool((whole[9, 2].float() == 0).all())  # a zero vector
+    if finite_payload:
+        assert bool(s_whole[5, 1].isnan()) and bool(s_whole[7, 0].isnan())
+        assert bool((whole[5, 1].float() == 0).all()) and bool((whole[7, 0].float() == 0).all())
+        assert bool(torch.isfinite(whole.float()).all())
+    else:
+        assert bool(whole[5, 1, 3].float().isnan()) and bool(s_whole[7, 0].isinf())
+    ok = torch.isfinite(s_whole)
+    assert rel(dequantize_fp8(whole, s_whole)[ok], x.float()[ok]) <= 2 ** -4  # E4M3: 3 mantissa bits
+
+
 def test_index_dtype_checked():
     qi = torch.zeros(4, 1, 64, device=DEV)
     ki = torch.zeros(4, 1, 64, device=DEV)

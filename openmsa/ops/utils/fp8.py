@@ -16,10 +16,14 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 
 
+CHUNK_VECTORS = 1 << 20  # vectors quantized per step: bounds the float32 temporaries
+
+
 def quantize_fp8_per_token(x: torch.Tensor, *, finite_payload: bool = False):
     """``x [..., Di]`` -> ``(x_fp8 [..., Di] float8_e4m3fn, scale [...] float32)`` with
     ``x ~= x_fp8 * scale[..., None]``, scale = amax over the last dim / 448 (1 for a zero
-    row). No host synchronisation.
+    row). No host synchronisation; the float32 temporaries hold at most ``CHUNK_VECTORS``
+    vectors at a time (1M tokens of 4 index heads: 4 steps).
 
     Non-finite inputs stay non-finite: by default a NaN entry stays NaN in ``x_fp8`` and a
     vector with an infinite entry gets an infinite scale (it dequantizes to NaN). With
@@ -29,14 +33,23 @@ def quantize_fp8_per_token(x: torch.Tensor, *, finite_payload: bool = False):
     reaches the result through the scale."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating-point tensor with at least one dimension")
-    amax = x.abs().amax(-1).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    if finite_payload:
-        bad = ~torch.isfinite(amax)
-        scale = torch.where(bad, float("nan"), scale)
-        x_fp8 = torch.where(bad[..., None], 0.0, x.float() / torch.where(bad, 1.0, scale)[..., None])
-        return x_fp8.to(FP8), scale
-    return (x.float() / scale[..., None]).to(FP8), scale
+    flat = x.reshape(-1, x.shape[-1])
+    x_fp8 = torch.empty(flat.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
+    for r0 in range(0, flat.shape[0], CHUNK_VECTORS):
+        rows = slice(r0, r0 + CHUNK_VECTORS)
+        xf = flat[rows].float()
+        amax = xf.abs().amax(-1)
+        sc = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        if finite_payload:
+            bad = ~torch.isfinite(amax)
+            sc = torch.where(bad, float("nan"), sc)
+            xf = torch.where(bad[:, None], 0.0, xf / torch.where(bad, 1.0, sc)[:, None])
+        else:
+            xf = xf / sc[:, None]
+        x_fp8[rows] = xf
+        scale[rows] = sc
+    return x_fp8.view(x.shape), scale.view(x.shape[:-1])
 
 
 def dequantize_fp8(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
