@@ -26,9 +26,10 @@ def main(folder):
              f"Hq=64 Hkv=4 D=Di=128 B=128 K=16. Medians of CUDA-event timings (ms); "
              f"TFLOP/s count useful (visible, selected) work only.", "",
              "| context | indexer | sparse fwd | prefill (idx + fwd) | dense cuDNN fwd | prefill speedup "
-             "| FlexAttn fwd | sparse fwd+bwd | KL fwd+bwd | train step | dense fwd+bwd | train speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    plot = {"ctx": [], "prefill": [], "train": []}
+             "| prefill speedup, FP8 ranking | FlexAttn fwd | sparse fwd+bwd | KL fwd+bwd | train step "
+             "| dense fwd+bwd | train speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    plot = {"ctx": [], "prefill": [], "prefill_fp8": [], "train": []}
     for ctx, ops in by.items():
         def ms(op):
             r = ops.get(op)
@@ -43,6 +44,8 @@ def main(folder):
         fb, kl = ms("openmsa sparse_attention fwd+bwd"), ms("openmsa indexer_kl_loss fwd+bwd")
         dfb, flex = ms("dense SDPA cuDNN fwd+bwd"), ms("FlexAttention fwd (same budget)")
         prefill = idx + fwd if idx and fwd else None
+        idx8 = ms("openmsa indexer_topk (FP8 ranking)")
+        ps8 = dense / (idx8 + fwd) if dense and idx8 and fwd else None
         train = idx + fb + (kl or 0) if idx and fb else None
 
         def f(x, extra=""):
@@ -51,12 +54,13 @@ def main(folder):
         ts = dfb / train if dfb and train else None
         lines.append(
             f"| {ctx_label(ctx)} | {f(idx, tf('openmsa indexer_topk'))} | {f(fwd, tf('openmsa sparse_attention fwd'))} "
-            f"| {f(prefill)} | {f(dense)} | {f(ps, 'x')} | {f(flex, tf('FlexAttention fwd (same budget)'))} "
+            f"| {f(prefill)} | {f(dense)} | {f(ps, 'x')} | {f(ps8, 'x')} | {f(flex, tf('FlexAttention fwd (same budget)'))} "
             f"| {f(fb, tf('openmsa sparse_attention fwd+bwd'))} | {f(kl)} | {f(train)}{'' if kl else ' (no KL)' if train else ''} "
             f"| {f(dfb)} | {f(ts, 'x')} |")
         if isinstance(ctx, int):
             plot["ctx"].append(ctx)
             plot["prefill"].append(ps)
+            plot["prefill_fp8"].append(ps8)
             plot["train"].append(ts)
     table = "\n".join(lines) + "\n"
     open(os.path.join(folder, "summary.md"), "w").write(table)
@@ -71,6 +75,7 @@ def main(folder):
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = plot["ctx"]
     for key, label in (("prefill", "prefill (indexer + sparse fwd) vs dense cuDNN fwd"),
+                       ("prefill_fp8", "prefill with FP8 ranking"),
                        ("train", "train step vs dense cuDNN fwd+bwd")):
         pts = [(x, y) for x, y in zip(xs, plot[key]) if y]
         if pts:
