@@ -108,7 +108,8 @@ def indexer_topk(qi, ki, cu_seqlens_q=None, cu_seqlens_k=None, *, block_size=128
         kv_start, kv_len: int32 ``[num_seqs]``, the fragment form (module docstring).
         index_dtype: None, or ``torch.float8_e4m3fn`` to rank blocks by the scores of the
             E4M3 quantization of qi and ki (one float32 scale per query row and per key
-            token, ``openmsa.serving.quantize_fp8_per_token``; an FP8 MMA on Hopper). The
+            token, ``openmsa.serving.quantize_fp8_per_token`` with ``finite_payload=True``:
+            a non-finite vector scores NaN; an FP8 MMA on Hopper). The
             selection is exact for the dequantized values; ``index_lse`` is still taken
             over the scores of qi and ki as given, so the KL stays in their precision.
     Returns:

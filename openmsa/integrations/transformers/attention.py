@@ -38,7 +38,7 @@ from torch import nn
 from ...api import indexer_topk, msa_attention, sparse_attention
 from ...layers.msa_attention import IndexBranchMixin, dense_warmup_attention
 from .cache import append_index_keys, cache_argument, prepare_cache
-from .masks import check_attention_mask, check_layer_inputs
+from .masks import adopt_attention, check_attention_mask, check_layer_inputs
 
 __all__ = ["MSAHFAttention", "check_supported"]
 
@@ -125,19 +125,9 @@ class MSAHFAttention(IndexBranchMixin, nn.Module):
                  compute_kl: bool | None = None, backend: str = "auto"):
         super().__init__()
         check_supported(attn)
-        for name, child in attn.named_children():
-            setattr(self, name, child)
-        self.layer_idx = attn.layer_idx
-        self.config = attn.config
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.num_key_value_groups = attn.num_key_value_groups
-        self.attention_dropout = getattr(attn, "attention_dropout", 0.0)
-        self.is_causal = True
+        adopt_attention(self, attn)
         self.sliding_window = None
         self.original_class = type(attn).__name__
-        # The model's own RoPE function (module-level in every transformers model file).
-        self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.num_heads = self.q_proj.out_features // self.head_dim
         self.num_kv_heads = self.k_proj.out_features // self.head_dim
         self.index_head_dim = index_head_dim

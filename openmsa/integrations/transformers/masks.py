@@ -1,5 +1,6 @@
-"""What an MSA layer accepts from transformers: its inputs (``check_layer_inputs``) and the
-attention masks that say "causal, no padding" (``check_attention_mask``).
+"""What an MSA layer takes from transformers: the original attention module's submodules
+and attributes (``adopt_attention``), its inputs (``check_layer_inputs``) and the attention
+masks that say "causal, no padding" (``check_attention_mask``).
 
 MSA layers compute causal attention with bottom-right alignment and no padding; a mask
 that asks for anything else (left/right padding, packed sequences) would be silently
@@ -10,6 +11,7 @@ remembered, and transformers passes that same object to every layer.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -64,3 +66,20 @@ def check_attention_mask(mask, q_len: int, kv_len: int) -> None:
             f"of shape {tuple(mask.shape)} that is not the causal pattern for {q_len} queries on "
             f"{kv_len} keys (left/right padding or packed sequences are not supported)")
     _last_good_mask = weakref.ref(mask)
+
+
+def adopt_attention(layer, attn) -> None:
+    """Give ``layer`` the submodules of transformers' attention module ``attn`` (the same
+    parameters: weights and state-dict keys unchanged) and the attributes transformers
+    reads from an attention module, plus ``_apply_rope``: the model's own RoPE function
+    (module-level in every transformers model file)."""
+    for name, child in attn.named_children():
+        setattr(layer, name, child)
+    layer.layer_idx = attn.layer_idx
+    layer.config = attn.config
+    layer.head_dim = attn.head_dim
+    layer.scaling = attn.scaling
+    layer.num_key_value_groups = attn.num_key_value_groups
+    layer.attention_dropout = getattr(attn, "attention_dropout", 0.0)
+    layer.is_causal = True
+    layer._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb

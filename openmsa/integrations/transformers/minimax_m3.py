@@ -52,7 +52,6 @@ the cached sequence (custom ``position_ids`` change only the RoPE angles), and
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
@@ -63,7 +62,7 @@ from ...api import indexer_kl_loss, indexer_topk, sparse_attention
 from ...layers.msa_attention import MODES, IndexBranchMixin, dense_warmup_attention
 from ...ops.utils.shapes import SUPPORTED
 from .cache import cache_argument
-from .masks import check_attention_mask, check_layer_inputs
+from .masks import adopt_attention, check_attention_mask, check_layer_inputs
 
 __all__ = ["MSAM3Attention", "m3_attention_sites", "enable_minimax_m3"]
 
@@ -184,17 +183,8 @@ class MSAM3Attention(IndexBranchMixin, nn.Module):
     def __init__(self, attn: nn.Module, *, mode: str = "sparse", compute_kl: bool | None = None,
                  backend: str = "auto", init_blocks: int = 0, index_softmax_scale: float = 1.0):
         super().__init__()
-        for name, child in attn.named_children():
-            setattr(self, name, child)
+        adopt_attention(self, attn)
         cfg = attn.config
-        self.config = cfg
-        self.layer_idx = attn.layer_idx
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.num_key_value_groups = attn.num_key_value_groups
-        self.attention_dropout = getattr(attn, "attention_dropout", 0.0)
-        self.is_causal = True
-        self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         ix = self.indexer
         self.index_heads, self.index_head_dim = ix.num_heads, ix.head_dim

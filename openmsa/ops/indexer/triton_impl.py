@@ -121,7 +121,8 @@ def indexer_topk_triton(qi, ki, varlen, *, block_size: int, topk: int, scale: fl
     kpad = max(2, triton.next_power_of_2(max(nsel, 1)))
     grid = (max_tiles * hkv,)
     _indexer_topk_kernel[grid](
-        qi, ki, qi_scale if fp8 else cu_q, ki_scale if fp8 else cu_q, qi_lse, ki_lse, cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
+        qi, ki, qi_scale if fp8 else cu_q, ki_scale if fp8 else cu_q, qi_lse, ki_lse,
+        cu_q, cu_q if fragments else cu_k, varlen.kv_start if fragments else cu_q,
         varlen.kv_len if fragments else cu_q, tile_end, topk_indices, index_lse if with_lse else topk_indices,
         page_table if paged else cu_q,
         float(scale), num_seqs, total_q, hkv,
